@@ -1,0 +1,310 @@
+"""The ``lowbit`` command line: compress, inspect, compare, passes, demo.
+
+Exit status: 0 on success, 2 when the input is at fault (one sentence on stderr naming the file,
+node or option; nothing is written), 1 on an internal error (a bug; the message names the pass).
+Every command takes ``--json`` for machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # `python cli.py …` from a checkout: make `lowbit` this folder
+    import importlib.util
+    import pathlib
+    import sys
+
+    _root = pathlib.Path(__file__).resolve().parent
+    _spec = importlib.util.spec_from_file_location("lowbit", _root / "__init__.py", submodule_search_locations=[str(_root)])
+    _pkg = importlib.util.module_from_spec(_spec)
+    sys.modules["lowbit"] = _pkg
+    _spec.loader.exec_module(_pkg)
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import typing
+import warnings
+from pathlib import Path
+
+from lowbit.core.compile import _finite, compress
+from lowbit.core.errors import PassFailure, UserError
+
+#: the pipeline ``demo`` runs; it grows as passes land
+DEMO_PIPELINE = "fold-constants,fold-bn,cleanup"
+
+
+def _out(args, text: str, data) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------------- compress
+
+
+def _load_pipeline(args):
+    from lowbit.passes.pipeline import load_recipe, parse_pipeline
+
+    if bool(args.passes) == bool(args.recipe):
+        raise UserError("give exactly one of --passes TEXT or --recipe FILE")
+    return parse_pipeline(args.passes) if args.passes else load_recipe(args.recipe)
+
+
+def _fmt_num(value, unit=""):
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {suffix}{unit}"
+    return f"{value:g} {unit}".strip()
+
+
+def _fmt_err(error):
+    if not error:
+        return "-", "-"
+    sqnr = error.get("sqnr_db")
+    sqnr = "exact" if sqnr in (math.inf, "inf") else f"{float(sqnr):.1f} dB"
+    return f"{float(error['rel']):.2e}", sqnr
+
+
+def summary_table(report: dict) -> str:
+    from lowbit.analysis.stats import format_table
+
+    info = report["info"]
+    b, a = info["before"], info["after"]
+    rows = []
+    for p in report["passes"]:
+        rel, sqnr = _fmt_err(p["error"])
+        rows.append([p["name"], p["preserves"], "yes" if p["changed"] else "no", f"{p['seconds']:.2f}",
+                     f"{p['verify_seconds']:.2f}", rel, sqnr])
+    passes = format_table(rows, ["pass", "preserves", "changed", "time s", "verify s", "rel error", "SQNR"])
+    sizes = format_table(
+        [
+            ["file size", _fmt_num(b["file_bytes"], "B"), _fmt_num(a["file_bytes"], "B"), _ratio(b["file_bytes"], a["file_bytes"])],
+            ["parameters", _fmt_num(b["params"]), _fmt_num(a["params"]), _ratio(b["params"], a["params"])],
+            ["MACs", _fmt_num(b["macs"]), _fmt_num(a["macs"]), _ratio(b["macs"], a["macs"])],
+            ["nodes", str(b["nodes"]), str(a["nodes"]), _ratio(b["nodes"], a["nodes"])],
+        ],
+        ["", "before", "after", "ratio"],
+    )
+    total = report["passes"][-1]["total_error"] if report["passes"] else None
+    rel, sqnr = _fmt_err(total)
+    lines = [passes, "", sizes, "", f"output error vs input model: rel {rel}, SQNR {sqnr}"]
+    for w in report["warnings"] + [w for p in report["passes"] for w in p["warnings"]]:
+        lines.append(f"warning: {w}")
+    lines.append(f"wrote {info['output']}")
+    return "\n".join(lines)
+
+
+def _ratio(before, after):
+    return f"{before / after:.2f}x" if before and after else "-"
+
+
+def cmd_compress(args) -> int:
+    passes = _load_pipeline(args)
+    report = compress(args.model, args.output, passes, calib=args.calib, seed=args.seed, verify=not args.no_verify,
+                      external_data=True if args.external_data else None, report_path=args.report,
+                      progress=not args.json and sys.stderr.isatty(), batch_size=args.batch_size)
+    _out(args, summary_table(report), report)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args) -> int:
+    from lowbit.analysis.stats import format_stats, model_stats
+    from lowbit.core import io
+
+    model = io.load(args.model)
+    stats = model_stats(model, batch=args.batch, path=args.model)
+    _out(args, format_stats(stats), _finite(stats.to_dict()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- compare
+
+
+def cmd_compare(args) -> int:
+    from lowbit.analysis.compare import compare_models, format_compare
+    from lowbit.core import io
+    from lowbit.core.calib import input_specs, open_calibration, random_feed
+    from lowbit.core.context import Context
+
+    a, b = io.load(args.a), io.load(args.b)
+    specs_a, specs_b = input_specs(a), input_specs(b)
+    if [(s.name, s.dtype) for s in specs_a] != [(s.name, s.dtype) for s in specs_b]:
+        raise UserError(f"{args.b}: its inputs differ from {args.a}'s, so outputs cannot be compared")
+    if args.calib:
+        calib = open_calibration(args.calib, a, batch_size=args.batch_size, seed=args.seed)
+        feeds = list(_take(calib, args.max_batches))
+    else:
+        feeds = [random_feed(specs_a, args.batch_size, Context(seed=args.seed).rng("compare"))]
+    result = compare_models(a, b, feeds, latency=not args.no_latency, threads=args.threads)
+    result = {"a": str(args.a), "b": str(args.b), **result}
+    _out(args, format_compare(result), _finite(result))
+    return 0
+
+
+def _take(iterable, n):
+    for i, item in enumerate(iterable):
+        if i >= n:
+            break
+        yield item
+
+
+# ------------------------------------------------------------------------------------------ passes
+
+
+def pass_catalogue() -> list[dict]:
+    from lowbit.passes.base import _default_of, format_value, option_type_name, registry
+
+    catalogue = []
+    for name, cls in registry().items():
+        hints = typing.get_type_hints(cls.Options)
+        options = [
+            {"name": f.name, "type": option_type_name(f, hints), "default": format_value(_default_of(f)),
+             "doc": f.metadata.get("doc", "")}
+            for f in dataclasses.fields(cls.Options)
+        ]
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+        catalogue.append({"name": name, "preserves": cls.preserves, "summary": (cls.__doc__ or "").strip(),
+                          "doc": doc, "options": options})
+    return catalogue
+
+
+def cmd_passes(args) -> int:
+    catalogue = pass_catalogue()
+    lines = []
+    for entry in catalogue:
+        lines.append(f"{entry['name']}  [{entry['preserves']}]  {entry['summary']}")
+        for opt in entry["options"]:
+            lines.append(f"    {opt['name']}: {opt['type']} = {opt['default']}    {opt['doc']}")
+        if args.verbose:
+            lines.extend("    | " + line for line in entry["doc"].splitlines())
+        lines.append("")
+    _out(args, "\n".join(lines).rstrip(), catalogue)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    from lowbit.models import demo
+
+    result = demo.run(args.model, pipeline=args.passes or None, output=args.output,
+                      progress=not args.json and sys.stderr.isatty())
+    _out(args, demo.format_result(result), _finite(result))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as lowbit user errors (exit 2, one sentence)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
+
+    parser = _Parser(prog="lowbit", description="lowbit: compress exported ONNX models for onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    p = sub.add_parser("compress", parents=[common], help="run a pipeline of passes on a model",
+                       description="Load MODEL, run the passes with verification after each, write OUTPUT atomically.")
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (not the input; its folder must exist)")
+    p.add_argument("--passes", help="pipeline text, e.g. 'fold-bn,cleanup' (see 'lowbit passes')")
+    p.add_argument("--recipe", help="TOML recipe file with the same content as --passes")
+    p.add_argument("--calib", help="calibration data: FILE.npz, a folder of .npz, random:N, or module:function")
+    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size in samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    p.add_argument("--report", help="write the full report as JSON to this file")
+    p.add_argument("--no-verify", action="store_true", help="skip the numeric output comparison after each pass")
+    p.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 2 GB)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", parents=[common], help="opsets, op histogram, parameters, MACs, quantization status",
+                       description="Describe MODEL: opset/IR, ops, parameters and bytes by dtype, MACs, largest layers.")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--batch", type=int, default=1, help="batch size assumed for symbolic batch dimensions (default 1)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compare", parents=[common], help="output error and latency of two models",
+                       description="Run A and B on the same inputs: output error (max abs, relative, SQNR, cosine, "
+                                   "top-1 agreement) and onnxruntime latency measured in the same run.")
+    p.add_argument("a", help="reference .onnx")
+    p.add_argument("b", help="candidate .onnx")
+    p.add_argument("--calib", help="inputs: FILE.npz, folder, random:N or module:function (default: random)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per run (default 16)")
+    p.add_argument("--max-batches", type=int, default=8, help="compare on at most this many batches (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("passes", parents=[common], help="list every pass with its options",
+                       description="Every pass: name, what it preserves, options with types, defaults and units.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each pass's full documentation")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("demo", parents=[common], help="compress the embedded digits CNN and show before/after",
+                       description="Compress an embedded model with the default pipeline and print accuracy, size "
+                                   "and latency before and after.")
+    p.add_argument("--model", default="digits", choices=["digits", "llama"], help="embedded model (default digits)")
+    p.add_argument("--passes", help=f"pipeline to run instead of the default ({DEMO_PIPELINE})")
+    p.add_argument("-o", "--output", help="keep the compressed model here (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except UserError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except PassFailure as exc:
+        print(f"lowbit: internal error in {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - report any bug as exit 1 with its type
+        print(f"lowbit: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

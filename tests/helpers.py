@@ -1,0 +1,33 @@
+"""Small models built in code for tests (onnx-ir, no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def tiny_cnn(seed: int = 0) -> ir.Model:
+    """input[N,3,8,8] → Conv(3→4, 3×3, pad 1) → BatchNormalization → Relu → out."""
+    rng = np.random.default_rng(seed)
+
+    def const(name, array):
+        value = ir.Value(name=name, const_value=ir.tensor(array.astype(np.float32), name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+        return value
+
+    x = ir.Value(name="input", shape=ir.Shape(["N", 3, 8, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    w, b = const("w", rng.standard_normal((4, 3, 3, 3))), const("b", rng.standard_normal(4))
+    bn = [const("gamma", rng.uniform(0.5, 2, 4)), const("beta", rng.standard_normal(4)),
+          const("mean", rng.standard_normal(4)), const("var", rng.uniform(0.5, 2, 4))]
+    conv = ir.node("Conv", [x, w, b], attributes={"pads": [1, 1, 1, 1]}, name="conv")
+    norm = ir.node("BatchNormalization", [conv.outputs[0], *bn], name="bn")
+    relu = ir.node("Relu", [norm.outputs[0]], name="relu")
+    relu.outputs[0].name = "out"
+    relu.outputs[0].shape = ir.Shape(["N", 4, 8, 8])
+    relu.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], [relu.outputs[0]], nodes=[conv, norm, relu], initializers=[w, b, *bn],
+                     opset_imports={"": 18}, name="tiny")
+    model = ir.Model(graph, ir_version=10, producer_name="lowbit-tests")
+    model.metadata_props["origin"] = "tests"
+    model.graph.doc_string = "a tiny test model"
+    return model
