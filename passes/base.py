@@ -84,6 +84,11 @@ def registry() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def unregister(name: str) -> None:
+    """Remove a pass from the registry (for passes defined in tests or plugins)."""
+    _REGISTRY.pop(name, None)
+
+
 def get_pass(name: str) -> type[Pass]:
     passes = registry()
     if name not in passes:
