@@ -28,7 +28,8 @@ import typing
 import warnings
 from pathlib import Path
 
-from lowbit.core.compile import _finite, compress
+from lowbit.analysis.report_format import human_bytes, human_count, jsonable
+from lowbit.core.compile import compress
 from lowbit.core.errors import PassFailure, UserError
 
 #: the pipeline ``demo`` runs; it grows as passes land
@@ -65,15 +66,6 @@ def _load_pipeline(args):
     return parse_pipeline(args.passes) if args.passes else load_recipe(args.recipe)
 
 
-def _fmt_num(value, unit=""):
-    if value is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {suffix}{unit}"
-    return f"{value:g} {unit}".strip()
-
-
 def _fmt_err(error):
     if not error:
         return "-", "-"
@@ -83,7 +75,7 @@ def _fmt_err(error):
 
 
 def summary_table(report: dict) -> str:
-    from lowbit.analysis.stats import format_table
+    from lowbit.analysis.report_format import format_table
 
     info = report["info"]
     b, a = info["before"], info["after"]
@@ -95,9 +87,9 @@ def summary_table(report: dict) -> str:
     passes = format_table(rows, ["pass", "preserves", "changed", "time s", "verify s", "rel error", "SQNR"])
     sizes = format_table(
         [
-            ["file size", _fmt_num(b["file_bytes"], "B"), _fmt_num(a["file_bytes"], "B"), _ratio(b["file_bytes"], a["file_bytes"])],
-            ["parameters", _fmt_num(b["params"]), _fmt_num(a["params"]), _ratio(b["params"], a["params"])],
-            ["MACs", _fmt_num(b["macs"]), _fmt_num(a["macs"]), _ratio(b["macs"], a["macs"])],
+            ["file size", human_bytes(b["file_bytes"]), human_bytes(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])],
+            ["parameters", human_count(b["params"]), human_count(a["params"]), _ratio(b["params"], a["params"])],
+            ["MACs", human_count(b["macs"]), human_count(a["macs"]), _ratio(b["macs"], a["macs"])],
             ["nodes", str(b["nodes"]), str(a["nodes"]), _ratio(b["nodes"], a["nodes"])],
         ],
         ["", "before", "after", "ratio"],
@@ -133,7 +125,7 @@ def cmd_inspect(args) -> int:
 
     model = io.load(args.model)
     stats = model_stats(model, batch=args.batch, path=args.model)
-    _out(args, format_stats(stats), _finite(stats.to_dict()))
+    _out(args, format_stats(stats), jsonable(stats.to_dict()))
     return 0
 
 
@@ -157,7 +149,7 @@ def cmd_compare(args) -> int:
         feeds = [random_feed(specs_a, args.batch_size, Context(seed=args.seed).rng("compare"))]
     result = compare_models(a, b, feeds, latency=not args.no_latency, threads=args.threads)
     result = {"a": str(args.a), "b": str(args.b), **result}
-    _out(args, format_compare(result), _finite(result))
+    _out(args, format_compare(result), jsonable(result))
     return 0
 
 
@@ -210,7 +202,7 @@ def cmd_demo(args) -> int:
 
     result = demo.run(args.model, pipeline=args.passes or None, output=args.output,
                       progress=not args.json and sys.stderr.isatty())
-    _out(args, demo.format_result(result), _finite(result))
+    _out(args, demo.format_result(result), jsonable(result))
     return 0
 
 

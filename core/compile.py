@@ -10,7 +10,6 @@ error, and parameters, MACs, nodes and file bytes before and after.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -27,6 +26,7 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
     from tqdm import tqdm
 
     from lowbit import __version__
+    from lowbit.analysis.report_format import jsonable
     from lowbit.analysis.stats import model_stats
     from lowbit.core import io
     from lowbit.core.calib import open_calibration
@@ -48,7 +48,6 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
         ctx.calib = open_calibration(calib, model, batch_size=batch_size, seed=seed)
     for w in caught:
         ctx.warn(str(w.message))
-        print(f"lowbit: warning: {w.message}", file=sys.stderr)
     before = model_stats(model)
     text = describe_pipeline(passes)
     with tqdm(total=len(passes), disable=not progress, unit="pass", file=sys.stderr, leave=False) as bar:
@@ -64,7 +63,7 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
         "before": {**before.to_dict(), "file_bytes": Path(model_path).stat().st_size},
         "after": {**after.to_dict(), "file_bytes": _saved_bytes(out_path)},
     })
-    report = _finite(ctx.report.to_dict())
+    report = jsonable(ctx.report.to_dict())
     if report_path is not None:
         _write_json_atomic(report_path, report)
     return report
@@ -81,16 +80,3 @@ def _write_json_atomic(path, data) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)
-
-
-def _finite(obj):
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-

@@ -27,11 +27,11 @@ class PassFailure(RuntimeError):
         super().__init__(f"pass {pass_name}{after}: {message}")
 
 
-class VerificationError(UserError):
-    """An exact pass changed the model's outputs beyond tolerance, or produced an invalid model.
+class VerificationError(PassFailure):
+    """An exact pass changed the model's outputs beyond its tolerance.
 
-    It is raised as a user-facing error (exit 2) because the usual cause is a model the pass
-    cannot handle; the message names the pass, the output and the error measured.
+    That is a bug in the pass (exit 1), whatever model triggered it; the message names the pass,
+    the output that moved most, and the error measured.
     """
 
 

@@ -127,7 +127,8 @@ def load(path: str | os.PathLike, *, check_opset: bool = True) -> ir.Model:
         raise UserError(f"{path}: not an ONNX model (no graph or no opset import; truncated or not ONNX)")
     _check_external_data(path, proto)
     try:
-        onnx.checker.check_model(proto)
+        # Checked by path so that external data is resolved against the model's folder.
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise UserError(f"{path}: invalid or truncated ONNX model ({_first_line(exc)})") from None
     if check_opset:
@@ -228,7 +229,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     os.close(fd)
     try:
         data_name = f"{path.name}.data" if external_data else None
-        ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
+        ir.save(model, tmp, external_data=data_name, size_threshold_bytes=0)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

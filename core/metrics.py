@@ -42,7 +42,8 @@ def compare_arrays(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return out
 
 
-_WORST = {"max_abs": max, "rel": max, "sqnr_db": min, "cosine": min, "top1": min}
+#: how to combine one metric over several outputs or batches: keep the worst
+WORST = {"max_abs": max, "rel": max, "sqnr_db": min, "cosine": min, "top1": min}
 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
@@ -52,11 +53,5 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
         if name not in got:
             raise ValueError(f"output '{name}' disappeared")
         for key, value in compare_arrays(r, got[name]).items():
-            total[key] = _WORST[key](total[key], value) if key in total else value
+            total[key] = WORST[key](total[key], value) if key in total else value
     return total
-
-
-def merge_worst(a: dict[str, float] | None, b: dict[str, float]) -> dict[str, float]:
-    if not a:
-        return dict(b)
-    return {k: _WORST[k](a[k], b[k]) if k in a else b[k] for k in b}

@@ -177,12 +177,6 @@ def test_mistyped_option_every_pass(run_cli, tmp_path, tiny_path):
     assert checked >= 2
 
 
-@pytest.mark.skipif("quantize" not in registry(), reason="issue #3 adds the quantize pass")
-def test_mistyped_quantize_option(run_cli, tmp_path, tiny_path):
-    refused(run_cli, tmp_path, "compress", tiny_path, "-o", tmp_path / "o.onnx", "--passes", "quantize(weigths=4)",
-            match="unknown option 'weigths' for pass quantize; did you mean 'weights'?")
-
-
 def test_bad_option_value(run_cli, tmp_path, tiny_path):
     refused(run_cli, tmp_path, "compress", tiny_path, "-o", tmp_path / "o.onnx", "--passes", "cleanup(cse=perhaps)",
             match="option 'cse' of pass cleanup must be true or false")
