@@ -89,7 +89,7 @@ def run(name: str = "digits", *, pipeline: str | None = None, output: str | Path
 
 
 def format_result(result: dict) -> str:
-    from lowbit.analysis.stats import format_table
+    from lowbit.analysis.report_format import format_table, human_bytes, human_count
 
     b, a = result["before"], result["after"]
 
@@ -102,9 +102,9 @@ def format_result(result: dict) -> str:
     table = format_table(
         [
             row(result["metric"], "metric", lambda v: f"{v:.4f}"),
-            row("file size", "file_bytes", lambda v: f"{v / 1024:.1f} KiB"),
-            row("parameters", "params", lambda v: f"{v:,}"),
-            row("MACs", "macs", lambda v: f"{v / 1e6:.3f} M"),
+            row("file size", "file_bytes", human_bytes),
+            row("parameters", "params", human_count),
+            row("MACs", "macs", human_count),
             row("latency (median)", "latency_ms", lambda v: f"{v:.3f} ms"),
         ],
         ["", "before", "after", "change"],
