@@ -71,7 +71,7 @@ def run(name: str = "digits", *, pipeline: str | None = None, output: str | Path
         calib, eval_feed = _calibration(name, src, tmp)
         report = compress(src, out, pipeline or DEMO_PIPELINE, calib=str(calib), progress=progress)
         before, after = _metric(name, src), _metric(name, out)
-        speed = compare_models(io.load(src), io.load(out), [eval_feed], latency=True)
+        speed = compare_models(io.load(src), io.load(out), [eval_feed], latency=True, threads=1, min_seconds=1.0)
     info = report["info"]
     return {
         "model": name,
@@ -93,19 +93,22 @@ def format_result(result: dict) -> str:
 
     b, a = result["before"], result["after"]
 
-    def row(label, key, fmt):
-        ratio = f"{b[key] / a[key]:.2f}x" if key != "metric" and a[key] else ""
+    def row(label, key, fmt, better="smaller", worse="larger"):
         if key == "metric":
-            ratio = f"{a[key] - b[key]:+.4f}"
-        return [label, fmt(b[key]), fmt(a[key]), ratio]
+            change = f"{a[key] - b[key]:+.4f}"
+        elif not a[key] or not b[key] or b[key] == a[key]:
+            change = "same"
+        else:
+            change = f"{b[key] / a[key]:.2f}x {better}" if a[key] < b[key] else f"{a[key] / b[key]:.2f}x {worse}"
+        return [label, fmt(b[key]), fmt(a[key]), change]
 
     table = format_table(
         [
             row(result["metric"], "metric", lambda v: f"{v:.4f}"),
             row("file size", "file_bytes", human_bytes),
-            row("parameters", "params", human_count),
-            row("MACs", "macs", human_count),
-            row("latency (median)", "latency_ms", lambda v: f"{v:.3f} ms"),
+            row("parameters", "params", human_count, "fewer", "more"),
+            row("MACs", "macs", human_count, "fewer", "more"),
+            row("latency (median, 1 thread)", "latency_ms", lambda v: f"{v:.3f} ms", "faster", "slower"),
         ],
         ["", "before", "after", "change"],
     )
