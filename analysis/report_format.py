@@ -20,32 +20,28 @@ def _sig3(n: float) -> str:
     return f"{n:.2f}" if abs(n) < 9.995 else f"{n:.1f}" if abs(n) < 99.95 else f"{n:.0f}"
 
 
-def human_bytes(n: float | None) -> str:
-    """``1234567`` → ``"1.23 MB"`` (decimal units); ``None`` → ``"-"``."""
+def _human(n: float | None, units: tuple[str, ...], small: str) -> str:
+    """Scale by 1000 until below 1000; three significant digits; ``None`` → ``"-"``."""
     if n is None:
         return "-"
     n = float(n)
     if abs(n) < 1000:
-        return f"{n:g} B"
-    for unit in ("kB", "MB", "GB", "TB"):
+        return f"{n:g}{small}"
+    for unit in units:
         n /= 1000
-        if abs(n) < 999.5 or unit == "TB":
-            return f"{_sig3(n)} {unit}"
-    raise AssertionError("unreachable")
+        if abs(n) < 999.5 or unit == units[-1]:
+            break
+    return f"{_sig3(n)} {unit}"
+
+
+def human_bytes(n: float | None) -> str:
+    """``1234567`` → ``"1.23 MB"`` (decimal units); ``None`` → ``"-"``."""
+    return _human(n, ("kB", "MB", "GB", "TB"), " B")
 
 
 def human_count(n: float | None) -> str:
     """``12_300_000`` → ``"12.3 M"``, ``950`` → ``"950"``; ``None`` → ``"-"``."""
-    if n is None:
-        return "-"
-    n = float(n)
-    if abs(n) < 1000:
-        return f"{n:g}"
-    for unit in ("K", "M", "G", "T", "P"):
-        n /= 1000
-        if abs(n) < 999.5 or unit == "P":
-            return f"{_sig3(n)} {unit}"
-    raise AssertionError("unreachable")
+    return _human(n, ("K", "M", "G", "T", "P"), "")
 
 
 def format_number(x: Any, digits: int = 4) -> str:

@@ -1,6 +1,7 @@
 """What travels with a model through a pipeline: calibration data, seed, report sink, switches.
 
-Passes read calibration data from ``ctx.calib`` (None when the user gave none), draw random
+Passes read calibration data from ``ctx.calib`` (None when the user gave none; wrap sweeps in
+``ctx.track(...)`` for a progress bar), draw random
 numbers only from ``ctx.rng(...)`` (seeded from ``ctx.seed`` and a label, so a run is
 reproducible byte for byte), and write what they measured to ``ctx.note(...)`` / warnings to
 ``ctx.warn(...)``; both land in the report of the pass being run.
@@ -70,6 +71,17 @@ class Context:
         """A generator seeded from the run's seed and ``label`` (e.g. the pass and node name)."""
         digest = hashlib.sha256(f"{self.seed}:{label}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def track(self, iterable, description: str, total: int | None = None):
+        """``iterable`` with a progress bar on stderr (calibration sweeps, long layer loops);
+        plain ``iterable`` when progress is off."""
+        if not self.progress:
+            return iterable
+        import sys
+
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=description, total=total, file=sys.stderr, leave=False, unit="batch")
 
     def note(self, key: str, value: Any) -> None:
         if self.current is not None:

@@ -90,12 +90,7 @@ def _external(tmp_path: Path, location: str | None = None) -> Path:
     path = io.save(tiny_cnn(), model_dir / "tiny.onnx", external_data=True)
     assert (model_dir / "tiny.onnx.data").exists()
     if location is not None:
-        proto = onnx.load(path, load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = location
-        path.write_bytes(proto.SerializeToString())
+        _external_location(path, location)
     return path
 
 
