@@ -28,14 +28,10 @@ from typing import Any
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-__all__ = ["METRICS_JSON", "clean_exported", "finish_model", "op_histogram", "update_metrics"]
+__all__ = ["METRICS_JSON", "clean_exported", "export_torch", "finish_model", "op_histogram", "update_metrics"]
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parent
 METRICS_JSON = MODELS_DIR / "metrics.json"
-
-#: IR version written into the committed models (onnxruntime 1.31 reads up to 13).
-TARGET_IR_VERSION = 10
-
 
 def op_histogram(model: ir.Model) -> dict[str, int]:
     """Count nodes per ``domain::op_type`` (domain omitted for ``ai.onnx``), sorted by name.
@@ -46,7 +42,8 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     graphs: list[Any] = [model.graph, *model.functions.values()]
     for graph in graphs:
         for node in ir.traversal.RecursiveGraphIterator(graph):
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            default_domain = node.domain in ("", "ai.onnx")
+            key = node.op_type if default_domain else f"{node.domain}::{node.op_type}"
             counts[key] += 1
     return dict(sorted(counts.items()))
 
@@ -70,25 +67,61 @@ def _cleanup_rules() -> list[Any]:
         rules.dropout_zero_rule,
         rules.remove_optional_bias_from_conv_rule,
         rules.remove_optional_bias_from_gemm_rule,
+        rules.squeeze_reshape_1d_rule,
     ]
+
+
+def _restore_parameter_names(graph: ir.Graph, parameter_names: set[str]) -> None:
+    """Give a folded weight (e.g. ``Transpose(W)`` made constant) the name of its one source.
+
+    Constant folding names its results ``val_<n>``; a pass report that says
+    ``blocks.0.attn.wq.weight`` is more useful. The folded tensor keeps the ONNX layout its
+    consumer needs (for ``MatMul``, W transposed to [in, out]).
+    """
+    from onnxscript.optimizer import FOLDED_FROM_KEY
+
+    for value in list(graph.initializers.values()):
+        sources = value.meta.get(FOLDED_FROM_KEY, set()) & parameter_names
+        if len(sources) == 1:
+            (source,) = sources
+            if source not in graph.initializers:
+                value.name = source
+    for value in graph.initializers.values():
+        value.meta.pop(FOLDED_FROM_KEY, None)
+        value.metadata_props.pop(FOLDED_FROM_KEY, None)
+        if value.const_value is not None:
+            value.const_value.name = value.name
+
+
+#: Node metadata the exporter writes that depends on where the script ran (absolute paths in
+#: stack traces, FX node dumps); dropped so the files do not depend on the checkout.
+_DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
 def clean_exported(model: ir.Model, *, iterations: int = 2) -> ir.Model:
     """Fold constants and drop no-ops in an unoptimized export, keeping every compute node.
 
     In place; returns ``model``. Raises if the result fails ``onnx.checker`` (full check).
+    The exporter's module scopes (``namespace``, ``pkg.torch.onnx.name_scopes``) stay on the
+    nodes; stack traces and FX dumps are removed.
     """
     from onnxscript import optimizer, rewriter
 
+    parameter_names = set(model.graph.initializers)
     for _ in range(iterations):
         optimizer.fold_constants(model)
         rewriter.rewrite(model, pattern_rewrite_rules=_cleanup_rules())
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    _restore_parameter_names(model.graph, parameter_names)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for key in _DROPPED_NODE_METADATA:
+            node.metadata_props.pop(key, None)
     passes = ir.passes.Sequential(
         common_passes.IdentityEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
         common_passes.DeduplicateInitializersPass(),
         common_passes.CommonSubexpressionEliminationPass(),
         common_passes.TopologicalSortPass(),
@@ -98,36 +131,41 @@ def clean_exported(model: ir.Model, *, iterations: int = 2) -> ir.Model:
     return passes(model).model
 
 
-def finish_model(
-    model: ir.Model,
-    path: pathlib.Path,
-    metadata: dict[str, str],
-    *,
-    ir_version: int = TARGET_IR_VERSION,
-) -> None:
-    """Set ``ir_version`` and ``metadata_props`` on ``model`` and save it to ``path`` atomically.
+def finish_model(model: ir.Model, path: pathlib.Path, metadata: dict[str, str]) -> None:
+    """Stamp ``metadata_props`` and save with lowbit's own atomic writer (IR 10, weights inline)."""
+    from lowbit.core import io
 
-    The weights are kept inside the file (no external data). The file is written next to
-    ``path`` under a temporary name and renamed into place, so a failure leaves no half file.
-    """
-    model.ir_version = ir_version
-    model.producer_name = "lowbit.models"
     for key, value in metadata.items():
         model.metadata_props[key] = str(value)
-    # Initializers loaded from an external file by the exporter are made internal.
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ir.save(model, tmp, format="protobuf")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    io.save(model, pathlib.Path(path), external_data=False)
+
+
+def export_torch(module, example, input_name: str, dynamic_axes: dict[int, tuple[str, int]],
+                 path: pathlib.Path, metadata: dict[str, str], *, tidy: bool = True) -> ir.Model:
+    """Export ``module`` with the dynamo exporter, BatchNormalization kept, and save it.
+
+    ``dynamic_axes`` maps an input axis to (name, maximum size). The exporter's own optimizer
+    is off (it would fold every BatchNormalization into its Conv); ``clean_exported`` tidies the
+    raw graph instead, unless ``tidy`` is false.
+    """
+    import torch
+
+    dims = {axis: torch.export.Dim(name, min=1, max=size) for axis, (name, size) in dynamic_axes.items()}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[input_name],
+            output_names=["logits"],
+            dynamic_shapes=(dims,),
+            opset_version=21,
+            dynamo=True,
+            optimize=False,
+            external_data=False,
+        )
+    model = clean_exported(program.model) if tidy else program.model
+    finish_model(model, path, metadata)
+    return model
 
 
 def update_metrics(key: str, record: dict[str, Any], path: pathlib.Path = METRICS_JSON) -> None:

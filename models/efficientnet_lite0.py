@@ -78,27 +78,13 @@ def export(path: str | pathlib.Path, *, tidy: bool = True, model=None):
     from lowbit.models import _export
 
     model = build() if model is None else model
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            opset_version=21,
-            dynamo=True,
-            optimize=False,  # the exporter's optimizer would fold every BatchNormalization
-            external_data=False,
-        )
-    model_ir = _export.clean_exported(program.model) if tidy else program.model
     metadata = {
         "lowbit.model": "efficientnet_lite0",
         "lowbit.metric": "top1",
         "lowbit.preprocess": f"RGB, centre crop, resize {IMAGE_SIZE}, (pixel - {MEAN:g}) / {STD:g}, NCHW",
     }
-    _export.finish_model(model_ir, pathlib.Path(path), metadata)
-    return model_ir
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return _export.export_torch(model, example, "input", {0: ("batch", 1024)}, pathlib.Path(path), metadata, tidy=tidy)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,24 +153,9 @@ def train(split: dict[str, np.ndarray], *, epochs: int, seed: int, batch_size: i
 
 def export(model: nn.Module, path: pathlib.Path, metadata: dict[str, str]):
     """Export with a dynamic batch axis, keeping the BatchNormalization nodes."""
-    example = torch.zeros(2, 1, 8, 8)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_shapes=({0: batch},),
-        opset_version=21,
-        dynamo=True,
-        optimize=False,
-        external_data=False,
-    )
     # The unoptimized graph carries zero conv biases built at run time and unused constants;
     # clean_exported folds those without touching the BatchNormalization nodes.
-    model_ir = _export.clean_exported(program.model)
-    _export.finish_model(model_ir, path, metadata)
-    return model_ir
+    return _export.export_torch(model, torch.zeros(2, 1, 8, 8), "input", {0: ("batch", 4096)}, path, metadata)
 
 
 def main(argv: list[str] | None = None) -> None:

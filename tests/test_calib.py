@@ -54,7 +54,7 @@ def test_folder(tmp_path):
 def test_random_warns_and_is_seeded():
     with pytest.warns(UserWarning, match="random calibration data"):
         a = open_calibration("random:20", tiny_cnn(), batch_size=8, seed=1)
-    b = open_calibration("random:20", tiny_cnn(), batch_size=8, seed=1)
+        b = open_calibration("random:20", tiny_cnn(), batch_size=8, seed=1)
     assert _count(a) == 20
     np.testing.assert_array_equal(next(iter(a))["input"], next(iter(b))["input"])
 

@@ -61,6 +61,9 @@ def test_model_file_is_small_valid_and_capped(path):
     assert metadata["lowbit.model"] == key
     assert metadata["lowbit.metric"] == METRICS[key]["metric"]
     assert METRICS[key]["file_bytes"] == path.stat().st_size
+    for tensor in proto.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        assert np.all(np.isfinite(array)), tensor.name
 
 
 def test_metrics_record_how_models_were_made():
@@ -97,12 +100,10 @@ def test_digits_data_contract():
 
 
 def test_digits_split_matches_sklearn():
-    sklearn = pytest.importorskip("sklearn")
-    del sklearn
-    from sklearn.datasets import load_digits
+    datasets = pytest.importorskip("sklearn.datasets")
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    digits = datasets.load_digits()
     images = (digits.images.astype(np.float32) / np.float32(16.0))[:, None]
     x_train, x_test, _, y_test = train_test_split(
         images, digits.target.astype(np.int64), stratify=digits.target, **data.DIGITS_SPLIT
