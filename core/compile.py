@@ -16,6 +16,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from lowbit.core import io
+
 
 
 def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, external_data=None,
@@ -28,7 +30,6 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
     from lowbit import __version__
     from lowbit.analysis.report_format import jsonable
     from lowbit.analysis.stats import model_stats
-    from lowbit.core import io
     from lowbit.core.calib import open_calibration
     from lowbit.core.context import Context
     from lowbit.passes.manager import run_passes
@@ -79,4 +80,5 @@ def _write_json_atomic(path, data) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=str)
+    os.chmod(tmp, io.default_file_mode())
     os.replace(tmp, path)

@@ -228,6 +228,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a saved model is an ordinary file
         data_name = f"{path.name}.data" if external_data else None
         ir.save(model, tmp, external_data=data_name, size_threshold_bytes=0)
         os.replace(tmp, path)
@@ -246,6 +247,13 @@ def _load_external_tensors(model: ir.Model) -> None:
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
