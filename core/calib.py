@@ -8,7 +8,8 @@ is re-iterable (passes may make several sweeps). Sources (the ``--calib`` option
 ``random:N``       N seeded random samples (a warning: random data calibrates poorly);
 ``module:function`` (or ``path/to/file.py:function``) a function returning an iterable of feeds.
 
-Arrays whose rank equals the input's rank are split into batches along the first (batch) axis;
+Arrays whose rank equals the input's rank are split into batches along the first (batch) axis
+(of the model's own size when the model fixes its batch dimension, e.g. to 1);
 arrays with one extra leading axis hold one complete feed per entry. ``.npz`` members are read
 from the archive in chunks of ``batch_size`` samples, so memory stays bounded by the batch, not
 by the number of samples.
@@ -211,7 +212,11 @@ def _npz_members(path: Path, specs: list[InputSpec]) -> dict[str, _NpyMember]:
         if per_feed:
             _check_shape(member.shape[1:], spec, str(path))
         else:
-            _check_shape(member.shape, spec, str(path), skip_first=not isinstance(spec.shape[0], int) if spec.shape else False)
+            _check_shape(member.shape, spec, str(path), skip_first=True)
+            fixed = _fixed_batch(spec)
+            if fixed and member.shape and member.shape[0] % fixed:
+                raise UserError(f"{path}: array '{spec.name}' holds {member.shape[0]} samples, not a multiple of the "
+                                f"model's fixed batch size {fixed}")
         if not member.shape:
             raise UserError(f"{path}: array '{spec.name}' is a scalar; the first axis must count samples")
         counts.add(member.shape[0])
@@ -220,11 +225,16 @@ def _npz_members(path: Path, specs: list[InputSpec]) -> dict[str, _NpyMember]:
     return members
 
 
+def _fixed_batch(spec: InputSpec) -> int | None:
+    """The input's first dimension when it is a fixed number (many exports fix batch = 1)."""
+    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+
+
 def _npz_feeds(path: Path, specs: list[InputSpec], batch_size: int) -> Iterator[Feed]:
     members = _npz_members(path, specs)
     per_feed = {s.name: len(members[s.name].shape) == len(s.shape) + 1 for s in specs}
     streams = {
-        name: member.chunks(1 if per_feed[name] else batch_size) for name, member in members.items()
+        s.name: members[s.name].chunks(1 if per_feed[s.name] else (_fixed_batch(s) or batch_size)) for s in specs
     }
     for parts in zip(*streams.values()):
         feed = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from helpers import tiny_cnn
@@ -40,6 +41,18 @@ def test_one_feed_per_entry(tmp_path):
     np.savez(tmp_path / "c.npz", input=data)
     batches = list(open_calibration(str(tmp_path / "c.npz"), tiny_cnn()))
     assert len(batches) == 5 and batches[0]["input"].shape == (2, 3, 8, 8)
+
+
+def test_fixed_batch_model_takes_samples_in_its_own_batch(tmp_path):
+    """An export with a fixed batch of 2 gets its 6 samples as 3 feeds of 2, whatever --batch-size says."""
+    model = tiny_cnn()
+    model.graph.inputs[0].shape = ir.Shape([2, 3, 8, 8])
+    np.savez(tmp_path / "c.npz", input=np.zeros((6, 3, 8, 8), np.float32))
+    batches = list(open_calibration(str(tmp_path / "c.npz"), model, batch_size=16))
+    assert [b["input"].shape for b in batches] == [(2, 3, 8, 8)] * 3
+    np.savez(tmp_path / "odd.npz", input=np.zeros((5, 3, 8, 8), np.float32))
+    with pytest.raises(UserError, match="5 samples, not a multiple of the model's fixed batch size 2"):
+        open_calibration(str(tmp_path / "odd.npz"), model)
 
 
 def test_folder(tmp_path):
