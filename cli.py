@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PassFailure as exc:
         print(f"lowbit: internal error in {exc}", file=sys.stderr)
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
         return 1
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)

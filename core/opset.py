@@ -1,0 +1,31 @@
+"""Raise a model's ai.onnx opset in place, through onnx's version converter.
+
+Needed when a pass emits operators or types newer than the model's opset (e.g. blocked int4
+``DequantizeLinear`` needs opset 21, int2 needs 25). The converter rewrites nodes whose
+signature changed between versions (ReduceMean's axes becoming an input, Split's sizes…), so a
+plain bump of the opset number would be wrong. Raises ``UserError`` naming the versions when the
+converter cannot handle the model.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from lowbit.core.errors import UserError
+
+
+def upgrade(model: ir.Model, version: int) -> None:
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise UserError(f"cannot raise the model from opset {current} to {version} (needed for the quantized "
+                        f"operators): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    new = ir.serde.deserialize_model(converted)
+    model.graph = new.graph
+    model.opset_imports[""] = version
+    model.graph.opset_imports[""] = version

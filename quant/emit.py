@@ -1,0 +1,234 @@
+"""Write quantized weights into the graph, in the formats onnxruntime runs.
+
+``qdq``: the weight initializer is replaced by integer codes followed by ``DequantizeLinear``
+(opset 21 for int8/int4/uint4 — 3-bit codes ride in int4/uint4 — opset 25 for int2/uint2), with
+``block_size`` along the reduction axis when blocked, ``axis`` on the output channels when
+per-channel, scalar scale when per-tensor. Symmetric grids store signed codes and no zero point;
+asymmetric grids store unsigned codes and a zero point of the same type. onnxruntime ≥ 1.21 fuses
+a blocked int4/int2 ``DequantizeLinear`` on axis 0 feeding ``MatMul`` into ``MatMulNBits``.
+
+``matmulnbits``: the node becomes ``com.microsoft.MatMulNBits(A, B, scales, zero_points?, bias?)``
+with B stored [N, ceil(K/block), block·bits/8] — codes as unsigned (signed + 2^(bits−1)), packed
+little-end first (element j of a byte at bits j·b … j·b+b−1), K padded with zero codes to whole
+blocks; scales [N·blocks]; zero points packed the same way per row ([N, ceil(blocks·bits/8)]),
+absent when symmetric (the kernel then uses 2^(bits−1)).
+
+``codebook``: W[r, k] = levels[r, g(k), idx[r, k]] written with standard operators only —
+``Gather(levels_flat, Cast(idx) + row_base + col_base)`` with row_base[r] = r·G·L and
+col_base[k] = g(k)·L — so it runs on any onnxruntime (which folds it to a float weight at load);
+``idx`` is stored as uint4/uint2/uint8 to keep the file small.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.quant.sites import WeightSite
+
+_SIGNED = {2: (ml_dtypes.int2, ir.DataType.INT2), 3: (ml_dtypes.int4, ir.DataType.INT4),
+           4: (ml_dtypes.int4, ir.DataType.INT4), 8: (np.int8, ir.DataType.INT8)}
+_UNSIGNED = {2: (ml_dtypes.uint2, ir.DataType.UINT2), 3: (ml_dtypes.uint4, ir.DataType.UINT4),
+             4: (ml_dtypes.uint4, ir.DataType.UINT4), 8: (np.uint8, ir.DataType.UINT8)}
+
+
+def required_opset(bits: int) -> int:
+    """ai.onnx opset needed for DequantizeLinear on codes of ``bits`` bits."""
+    return 25 if bits == 2 else 21
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    names = set(graph.initializers)
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}.{i}", i + 1
+    return name
+
+
+def _detach_weight(site: WeightSite, graph: ir.Graph) -> str:
+    """Drop the float weight initializer when this node was its only user; return its name."""
+    old = site.value
+    name = old.name
+    if len(old.uses()) == 1 and name in graph.initializers and not old.is_graph_output():
+        del graph.initializers[name]
+    return name
+
+
+def emit_qdq(site: WeightSite, graph: ir.Graph, codes: np.ndarray, scale: np.ndarray,
+             zero_point: np.ndarray | None, *, bits: int, granularity: str, block: int) -> ir.Node:
+    """Replace the site's weight by codes → DequantizeLinear (codes/scale/zp in stored layout)."""
+    signed = zero_point is None
+    np_type, _ = (_SIGNED if signed else _UNSIGNED)[bits]
+    weight_name = site.value.name
+    dtype = site.value.dtype
+    old = site.value
+    base = _unique(graph, f"{weight_name}.q{bits}")
+    inputs = [_initializer(graph, base, codes.astype(np_type)),
+              _initializer(graph, _unique(graph, f"{base}.scale"), scale.astype(dtype.numpy()))]
+    if not signed:
+        inputs.append(_initializer(graph, _unique(graph, f"{base}.zero_point"), zero_point.astype(np_type)))
+    attributes = {}
+    if granularity == "block":
+        attributes = {"axis": site.block_axis, "block_size": block}
+    elif granularity == "channel":
+        attributes = {"axis": site.channel_axis}
+    dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=_unique_node(graph, f"{site.name}.dq"))
+    out = dq.outputs[0]
+    out.name = f"{base}.dequantized"
+    out.dtype, out.shape = dtype, ir.Shape(site.shape)
+    graph.insert_before(site.node, dq)
+    site.node.replace_input_with(site.input_index, out)
+    if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
+        del graph.initializers[old.name]
+    return dq
+
+
+def _unique_node(graph: ir.Graph, base: str) -> str:
+    names = {n.name for n in graph}
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}.{i}", i + 1
+    return name
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (last axis) into bytes, first element in the lowest bits."""
+    per_byte = 8 // bits
+    codes = codes.astype(np.uint8)
+    pad = (-codes.shape[-1]) % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = np.zeros(codes.shape[:-1], dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= (codes[..., j] << (j * bits)).astype(np.uint8)
+    return packed
+
+
+def emit_matmulnbits(site: WeightSite, graph: ir.Graph, codes_canonical: np.ndarray, scale: np.ndarray,
+                     zero_point: np.ndarray | None, *, bits: int, block: int, accuracy_level: int) -> ir.Node:
+    """Replace a MatMul/Gemm (weight on the right) by ``com.microsoft.MatMulNBits``.
+
+    ``codes_canonical`` is [N, K]; ``scale``/``zero_point`` are [N, ceil(K/block)].
+    """
+    node = site.node
+    n, k = codes_canonical.shape
+    blocks = -(-k // block)
+    offset = 0 if zero_point is not None else 1 << (bits - 1)
+    unsigned = (codes_canonical.astype(np.int16) + offset).astype(np.uint8)
+    padded = np.zeros((n, blocks * block), dtype=np.uint8)
+    padded[:, :k] = unsigned
+    if zero_point is None:
+        padded[:, k:] = offset  # padding decodes to exactly zero
+    packed = pack_bits(padded.reshape(n, blocks, block), bits)
+    dtype = site.value.dtype
+    base = _unique(graph, f"{site.value.name}.nbits{bits}")
+    inputs = [node.inputs[site.activation_index],
+              _initializer(graph, base, packed),
+              _initializer(graph, _unique(graph, f"{base}.scales"), scale.reshape(-1).astype(dtype.numpy()))]
+    if zero_point is not None:
+        inputs.append(_initializer(graph, _unique(graph, f"{base}.zero_points"),
+                                   pack_bits(zero_point.astype(np.uint8), bits).reshape(-1)))
+    bias = _gemm_bias(node, n)
+    if bias is not None:
+        while len(inputs) < 5:
+            inputs.append(None)
+        inputs.append(bias)
+    replacement = ir.node(
+        "MatMulNBits", inputs, domain="com.microsoft", name=node.name,
+        attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
+    )
+    graph.opset_imports.setdefault("com.microsoft", 1)
+    _replace_node(graph, node, replacement)
+    return replacement
+
+
+def _gemm_bias(node: ir.Node, n: int) -> ir.Value | None:
+    """Gemm's C as a MatMulNBits bias (only a constant vector of N, with beta folded in)."""
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    c = node.inputs[2]
+    beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+    array = c.const_value.numpy().reshape(-1) * beta
+    if array.size == 1:
+        array = np.full(n, array[0], dtype=array.dtype)
+    value = ir.Value(name=f"{c.name}.bias", const_value=ir.tensor(array.astype(c.const_value.numpy().dtype), name=f"{c.name}.bias"),
+                     shape=ir.Shape([n]), type=ir.TensorType(c.dtype))
+    return value
+
+
+def _replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    from onnx_ir.convenience import replace_nodes_and_values
+
+    for value in new.inputs:
+        if value is not None and value.const_value is not None and value.name not in graph.initializers and value.producer() is None:
+            graph.register_initializer(value)
+    replace_nodes_and_values(graph, old, [old], [new], old.outputs, new.outputs)
+    for value in list(old.inputs):
+        if value is not None and not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+            del graph.initializers[value.name]
+
+
+def emit_codebook(site: WeightSite, graph: ir.Graph, indices: np.ndarray, levels: np.ndarray,
+                  groups: np.ndarray, *, bits: int) -> ir.Node:
+    """Replace the weight by a Gather from a per-(row, group) level table (standard ONNX)."""
+    rows, k = indices.shape
+    n_groups, n_levels = levels.shape[1], levels.shape[2]
+    dtype = site.value.dtype
+    old = site.value
+    base = _unique(graph, f"{old.name}.cb{bits}")
+    index_type = {2: ml_dtypes.uint2, 3: ml_dtypes.uint4, 4: ml_dtypes.uint4}.get(bits, np.uint8)
+    idx = _initializer(graph, base, indices.astype(index_type))
+    table = _initializer(graph, _unique(graph, f"{base}.levels"), levels.reshape(-1).astype(dtype.numpy()))
+    row_base = _initializer(graph, _unique(graph, f"{base}.row_base"),
+                            (np.arange(rows, dtype=np.int64) * n_groups * n_levels).reshape(rows, 1))
+    col_base = _initializer(graph, _unique(graph, f"{base}.col_base"), (groups.astype(np.int64) * n_levels).reshape(1, k))
+    prefix = _unique_node(graph, f"{site.name}.codebook")
+    cast = ir.node("Cast", [idx], attributes={"to": ir.DataType.INT64}, name=f"{prefix}.cast")
+    add_row = ir.node("Add", [cast.outputs[0], row_base], name=f"{prefix}.row")
+    add_col = ir.node("Add", [add_row.outputs[0], col_base], name=f"{prefix}.col")
+    gather = ir.node("Gather", [table, add_col.outputs[0]], attributes={"axis": 0}, name=f"{prefix}.gather")
+    nodes = [cast, add_row, add_col, gather]
+    canonical = gather.outputs[0]
+    canonical.name = f"{base}.canonical"
+    canonical.dtype, canonical.shape = dtype, ir.Shape([rows, k])
+    out = _canonical_to_stored_nodes(site, canonical, prefix, nodes, graph)
+    for node in nodes:
+        graph.insert_before(site.node, node)
+    site.node.replace_input_with(site.input_index, out)
+    if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
+        del graph.initializers[old.name]
+    return gather
+
+
+def _canonical_to_stored_nodes(site: WeightSite, canonical: ir.Value, prefix: str, nodes: list, graph: ir.Graph) -> ir.Value:
+    """Append the Transpose/Reshape nodes that turn canonical [R, K] back into the stored layout."""
+    value = canonical
+    if site.op == "Conv":
+        shape = _initializer(graph, _unique(graph, f"{prefix}.shape"), np.array(site.shape, dtype=np.int64))
+        node = ir.node("Reshape", [value, shape], name=f"{prefix}.reshape")
+        nodes.append(node)
+        value = node.outputs[0]
+    elif site.op == "ConvTranspose":
+        i, o = site.shape[0], site.shape[1]
+        shape = _initializer(graph, _unique(graph, f"{prefix}.shape"), np.array((o, i, *site.shape[2:]), dtype=np.int64))
+        reshape = ir.node("Reshape", [value, shape], name=f"{prefix}.reshape")
+        perm = [1, 0, *range(2, len(site.shape))]
+        transpose = ir.node("Transpose", [reshape.outputs[0]], attributes={"perm": perm}, name=f"{prefix}.transpose")
+        nodes += [reshape, transpose]
+        value = transpose.outputs[0]
+    elif site.block_axis == 0:
+        node = ir.node("Transpose", [value], attributes={"perm": [1, 0]}, name=f"{prefix}.transpose")
+        nodes.append(node)
+        value = node.outputs[0]
+    value.dtype, value.shape = site.value.dtype, ir.Shape(site.shape)
+    value.name = f"{canonical.name[:-len('.canonical')]}.weight"
+    return value
