@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 from lowbit.analysis.report_format import human_bytes, human_count, jsonable
-from lowbit.core.compile import compress
+from lowbit.core.compile import _write_json_atomic, compress
 from lowbit.core.errors import PassFailure, UserError
 
 #: the pipeline ``demo`` runs; it grows as passes land
@@ -160,6 +160,41 @@ def _take(iterable, n):
         yield item
 
 
+# ------------------------------------------------------------------------------------- sensitivity
+
+
+def cmd_sensitivity(args) -> int:
+    from lowbit.analysis.report_format import format_table
+    from lowbit.analysis.sensitivity import plot, sensitivity
+    from lowbit.core import io
+    from lowbit.core.calib import open_calibration
+    from lowbit.core.context import Context
+
+    out = io.check_output_path(args.output, (args.model,))
+    png = io.check_output_path(args.plot or out.with_suffix(".png"), (args.model,))
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        bits = ()
+    if not bits or any(b not in (2, 3, 4, 8) for b in bits):
+        raise UserError(f"--bits {args.bits}: give bit widths among 2,3,4,8 separated by commas")
+    if args.block not in (16, 32, 64, 128, 256):
+        raise UserError(f"--block {args.block}: must be 16, 32, 64, 128 or 256")
+    model = io.load(args.model)
+    calib = open_calibration(args.calib, model, batch_size=args.samples, seed=0)
+    ctx = Context(progress=not args.json and sys.stderr.isatty())
+    result = sensitivity(model, calib.first(args.samples), bits=bits, granularity=args.granularity, block=args.block,
+                         symmetric=True, progress=ctx.track)
+    result["model"] = str(args.model)
+    _write_json_atomic(out, jsonable(result))
+    plot(result, png, title=f"{Path(args.model).name}: output SQNR with one layer quantized")
+    rows = [[layer["node"], layer["op"], human_count(layer["params"]),
+             *(f"{layer['sqnr_db'][str(b)]:.1f}" for b in bits)] for layer in result["layers"]]
+    text = format_table(rows, ["node", "op", "params", *(f"{b}-bit dB" for b in bits)])
+    _out(args, f"{text}\nwrote {out} and {png}", jsonable(result))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ passes
 
 
@@ -257,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sensitivity", parents=[common], help="per-layer quantization sensitivity (JSON + PNG)",
+                       description="For each quantizable layer and bit width, the model-output SQNR when that layer "
+                                   "alone is quantized (RTN); writes JSON and a PNG chart. quantize(weights=auto) "
+                                   "uses the same measurement to choose bits per layer.")
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--calib", required=True, help="calibration data: FILE.npz, folder, random:N or module:function")
+    p.add_argument("-o", "--output", required=True, help="JSON file to write")
+    p.add_argument("--plot", help="PNG chart to write (default: the JSON path with .png)")
+    p.add_argument("--bits", default="2,3,4,8", help="candidate bit widths, comma separated (default 2,3,4,8)")
+    p.add_argument("--granularity", default="block", choices=["block", "channel", "tensor"], help="scale sharing (default block)")
+    p.add_argument("--block", type=int, default=32, help="block size along the reduction axis (default 32)")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples measured (default 32)")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("passes", parents=[common], help="list every pass with its options",
                        description="Every pass: name, what it preserves, options with types, defaults and units.")

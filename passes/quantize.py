@@ -65,7 +65,8 @@ class QuantizeOptions:
     nodes: str = option("", "quantize only nodes whose name matches this regular expression")
     exclude_nodes: str = option("", "never quantize nodes whose name matches this regular expression")
     overrides: dict = option({}, "per-node table (recipe only): node name → {bits, block, granularity, method, symmetric, skip}")
-    budget: str = option("", "for weights=auto: 'bits:4.5' (mean bits per weight) or 'bytes:N' (weight bytes)")
+    budget: str = option("", "for weights=auto: 'bits:4.5' (mean code bits per weight) or 'bytes:N' (bytes of quantized weights, scales included)")
+    candidates: list[int] = option([2, 4, 8], "for weights=auto: bit widths each layer may get")
     seed: int = option(0, "seed of the codebook fit (combined with the run's --seed)")
 
     def validate(self) -> None:
@@ -88,6 +89,13 @@ class QuantizeOptions:
                     raise UserError(f"option '{key}' of pass quantize names '{op}', which is not one of {', '.join(QUANTIZABLE_OPS)}")
         if self.weights == "auto" and not self.budget:
             raise UserError("quantize(weights=auto) needs a budget, e.g. budget=bits:4.5")
+        if self.weights == "auto":
+            from lowbit.analysis.sensitivity import parse_budget
+
+            parse_budget(self.budget, [])
+        bad = [b for b in self.candidates if b not in (2, 3, 4, 8)]
+        if bad or not self.candidates:
+            raise UserError(f"option 'candidates' of pass quantize takes bit widths among 2, 3, 4, 8, not {bad or 'nothing'}")
         if self.weights == "none" and self.activations == "none":
             raise UserError("quantize(weights=none) needs activations=8 or 16, else there is nothing to quantize")
         if self.format == "matmulnbits" and self.granularity != "block":
@@ -119,9 +127,10 @@ class Quantize(Pass):
         from lowbit.quant import plan as planning
 
         o = self.options
-        sites, skipped, plans = self._plan(model, ctx)
+        auto_bits = self._auto_bits(model, ctx) if o.weights == "auto" else None
+        sites, skipped, plans = self._plan(model, ctx, auto_bits)
         if planning.ensure_opset(model, plans, o):  # the graph was rebuilt: plan on the new one
-            sites, skipped, plans = self._plan(model, ctx)
+            sites, skipped, plans = self._plan(model, ctx, auto_bits)
         ctx.note("skipped", [{"node": n, "reason": r} for n, r in skipped])
         if not plans and o.activations == "none":
             ctx.warn("the model has no quantizable weights" + (" selected" if sites else "") + "; it is unchanged")
@@ -150,10 +159,37 @@ class Quantize(Pass):
                      "saves 4 bits per weight, the accuracy is that of 3 bits")
         return bool(layers) or bool(act)
 
-    def _plan(self, model: ir.Model, ctx):
+    def _plan(self, model: ir.Model, ctx, auto_bits: dict[str, int] | None = None):
         from lowbit.quant import plan as planning
 
         sites, skipped = find_sites(model.graph)
         chosen, reasons = planning.select(sites, self.options)
-        plans = planning.plans(chosen, self.options, ctx) if self.options.weights != "none" else []
+        plans = planning.plans(chosen, self.options, ctx, auto_bits) if self.options.weights != "none" else []
         return sites, skipped + reasons, plans
+
+    def _auto_bits(self, model: ir.Model, ctx) -> dict[str, int]:
+        """weights=auto: measure each layer's sensitivity, then choose bits under the budget."""
+        from lowbit.analysis.sensitivity import allocate, parse_budget, sensitivity
+        from lowbit.quant import plan as planning
+
+        o = self.options
+        if ctx.calib is None:
+            raise UserError("quantize(weights=auto) measures sensitivity on calibration data; pass --calib")
+        sites, _ = find_sites(model.graph)
+        chosen, _ = planning.select(sites, o)
+        chosen = [s for s in chosen if "bits" not in o.overrides.get(s.name, {})]
+        if not chosen:
+            return {}
+        feed = ctx.calib.first(min(o.samples, 32))
+        result = sensitivity(model, feed, bits=tuple(o.candidates), granularity=o.granularity, block=o.block,
+                             symmetric=o.symmetric, only={s.name for s in chosen}, progress=ctx.track)
+        budget = parse_budget(o.budget, result["layers"])
+        bits = allocate(result, budget)
+        spent = sum(layer["bytes"][str(bits[layer["node"]])] for layer in result["layers"])
+        params = sum(layer["params"] for layer in result["layers"])
+        ctx.note("mixed_precision", {
+            "budget_bytes": budget, "bytes": spent,
+            "mean_bits": sum(layer["params"] * bits[layer["node"]] for layer in result["layers"]) / params,
+            "bits": bits, "sensitivity": result["layers"],
+        })
+        return bits

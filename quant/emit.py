@@ -53,38 +53,37 @@ def _unique(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def _detach_weight(site: WeightSite, graph: ir.Graph) -> str:
-    """Drop the float weight initializer when this node was its only user; return its name."""
-    old = site.value
-    name = old.name
-    if len(old.uses()) == 1 and name in graph.initializers and not old.is_graph_output():
-        del graph.initializers[name]
-    return name
-
-
 def emit_qdq(site: WeightSite, graph: ir.Graph, codes: np.ndarray, scale: np.ndarray,
              zero_point: np.ndarray | None, *, bits: int, granularity: str, block: int) -> ir.Node:
-    """Replace the site's weight by codes → DequantizeLinear (codes/scale/zp in stored layout)."""
+    """Replace the site's weight by codes → DequantizeLinear (→ Reshape/Transpose for a blocked
+    kernel). ``codes`` [R, K], ``scale`` and ``zero_point`` [R, G] are canonical."""
     signed = zero_point is None
     np_type, _ = (_SIGNED if signed else _UNSIGNED)[bits]
-    weight_name = site.value.name
-    dtype = site.value.dtype
     old = site.value
-    base = _unique(graph, f"{weight_name}.q{bits}")
-    inputs = [_initializer(graph, base, codes.astype(np_type)),
-              _initializer(graph, _unique(graph, f"{base}.scale"), scale.astype(dtype.numpy()))]
+    dtype = old.dtype
+    canonical = site.kernel and granularity == "block"
+    stored_codes = codes if canonical else site.from_canonical(codes)
+    base = _unique(graph, f"{old.name}.q{bits}")
+    inputs = [_initializer(graph, base, stored_codes.astype(np_type)),
+              _initializer(graph, _unique(graph, f"{base}.scale"), site.scales_to_stored(scale, granularity).astype(dtype.numpy()))]
     if not signed:
-        inputs.append(_initializer(graph, _unique(graph, f"{base}.zero_point"), zero_point.astype(np_type)))
+        zp = site.scales_to_stored(zero_point, granularity)
+        inputs.append(_initializer(graph, _unique(graph, f"{base}.zero_point"), zp.astype(np_type)))
     attributes = {}
     if granularity == "block":
-        attributes = {"axis": site.block_axis, "block_size": block}
+        attributes = {"axis": 1 if canonical else site.block_axis, "block_size": block}
     elif granularity == "channel":
         attributes = {"axis": site.channel_axis}
-    dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=_unique_node(graph, f"{site.name}.dq"))
+    prefix = _unique_node(graph, f"{site.name}.dq")
+    dq = ir.node("DequantizeLinear", inputs, attributes=attributes, name=prefix)
     out = dq.outputs[0]
     out.name = f"{base}.dequantized"
-    out.dtype, out.shape = dtype, ir.Shape(site.shape)
-    graph.insert_before(site.node, dq)
+    out.dtype, out.shape = dtype, ir.Shape(stored_codes.shape)
+    nodes = [dq]
+    if canonical:
+        out = _canonical_to_stored_nodes(site, out, prefix, nodes, graph)
+    for node in nodes:
+        graph.insert_before(site.node, node)
     site.node.replace_input_with(site.input_index, out)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         del graph.initializers[old.name]
@@ -230,5 +229,5 @@ def _canonical_to_stored_nodes(site: WeightSite, canonical: ir.Value, prefix: st
         nodes.append(node)
         value = node.outputs[0]
     value.dtype, value.shape = site.value.dtype, ir.Shape(site.shape)
-    value.name = f"{canonical.name[:-len('.canonical')]}.weight"
+    value.name = f"{prefix}.weight"
     return value

@@ -79,8 +79,6 @@ def plans(sites: list[WeightSite], o, ctx, bits_by_node: dict[str, int] | None =
             raise RuntimeError("weights=auto must be resolved to bits before planning")
         plan = LayerPlan(site, int(bits), int(table.get("block", o.block)), table.get("granularity", o.granularity),
                          table.get("method", o.method), bool(table.get("symmetric", o.symmetric)))
-        if plan.granularity == "block" and site.op == "Conv" and site.shape[1] == 1:
-            plan.granularity = "channel"  # depthwise: one input channel per output, nothing to block
         if plan.method == "gptq" and not _gptq_supported(site):
             plan.method = "rtn"
             ctx.warn(f"{site.describe()}: GPTQ is defined here for MatMul, Gemm and 2-D Conv; rounded with RTN")
@@ -132,10 +130,6 @@ def container_bits(plan: LayerPlan, o) -> int:
 # ---------------------------------------------------------------------------------- weights
 
 
-def _rows(W: np.ndarray, rows: slice) -> np.ndarray:
-    return W[rows]
-
-
 def quantize_weights(model: ir.Model, plans: list[LayerPlan], o, ctx) -> list[dict]:
     """Round and emit every planned weight; GPTQ layers are calibrated in stages."""
     layers = []
@@ -175,8 +169,7 @@ def _accumulate(model: ir.Model, plans: list[LayerPlan], o, ctx) -> dict[int, li
     for plan in plans:
         x = plan.site.node.inputs[plan.site.activation_index]
         names[id(plan)] = x.name
-        k = plan.site.to_canonical(np.empty(plan.site.shape, np.uint8)).shape[1] // len(row_blocks(plan.site))
-        acc[id(plan)] = [HessianAccumulator(k) for _ in row_blocks(plan.site)]
+        acc[id(plan)] = [HessianAccumulator(plan.site.columns) for _ in row_blocks(plan.site)]
     label = f"GPTQ {plans[0].site.name}" if len(plans) == 1 else f"GPTQ {len(plans)} layers"
     total = None if ctx.calib.num_samples is None else -(-min(o.samples, ctx.calib.num_samples) // 16)
     for batch in ctx.track(capture(model, sorted(set(names.values())), ctx.calib, max_samples=o.samples), label, total):
@@ -214,7 +207,7 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
 
         parts, reports = [], []
         for rows, accumulator in zip(row_blocks(site), hessian):
-            q, report = _unpack(gptq(canonical[rows], accumulator.hessian(), groups, grid, damp=o.damp,
+            q, report = _unpack(gptq(canonical[rows], accumulator.H(), groups, grid, damp=o.damp,
                                         act_order=o.act_order, mse_clip=o.mse_clip, per_tensor=per_tensor))
             parts.append(q)
             reports.append(report)
@@ -230,19 +223,13 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
     entry.update(weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=clip)
     before = set(graph.initializers)
     if plan.nbits:
-        scale = _per_block(quantized, plan)
-        zp = None if quantized.zero_point is None else _per_block(quantized, plan, zero=True)
-        emit.emit_matmulnbits(site, graph, quantized.codes, scale, zp, bits=plan.bits, block=plan.block,
+        emit.emit_matmulnbits(site, graph, quantized.codes, quantized.scale, quantized.zero_point, bits=plan.bits, block=plan.block,
                               accuracy_level=o.accuracy_level)
         entry["format"] = f"MatMulNBits {plan.bits}-bit"
     else:
         bits = container_bits(plan, o)
-        codes = site.from_canonical(quantized.codes)
-        scale = site.scales_to_stored(_full_scale(quantized, plan), plan.granularity, plan.block)
-        zp = None
-        if quantized.zero_point is not None:
-            zp = site.scales_to_stored(_full_scale(quantized, plan, zero=True), plan.granularity, plan.block)
-        emit.emit_qdq(site, graph, codes, scale, zp, bits=bits, granularity=plan.granularity, block=plan.block)
+        emit.emit_qdq(site, graph, quantized.codes, quantized.scale, quantized.zero_point, bits=bits,
+                      granularity=plan.granularity, block=plan.block)
         entry["format"] = f"QDQ {'int' if plan.symmetric else 'uint'}{bits}" + (f" holding {plan.bits}-bit codes" if bits != plan.bits else "")
     entry["bytes_after"] = _new_bytes(graph, before)
     return entry
@@ -269,15 +256,6 @@ def _concat(parts):
 def _mean(values):
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
-
-
-def _full_scale(q, plan: LayerPlan, *, zero: bool = False) -> np.ndarray:
-    """Scales (or zero points) as [R, G]; a per-tensor [1, 1] stays as it is."""
-    return q.zero_point if zero else q.scale
-
-
-def _per_block(q, plan: LayerPlan, *, zero: bool = False) -> np.ndarray:
-    return _full_scale(q, plan, zero=zero)
 
 
 def _new_bytes(graph: ir.Graph, before: set[str]) -> int:

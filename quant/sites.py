@@ -19,10 +19,13 @@ Gather(T, ids)      T[V, D]              T: rows v, cols d               block a
 ==================  ==================  ==============================  ======================
 
 For Conv the reduction runs over input channels *and* kernel positions (im2col order
-i·kh·kw + ky·kw + kx), but ONNX blocks only along one axis, so a block is ``block`` consecutive
-input channels at one kernel position: group id = (i // block)·kh·kw + (ky·kw + kx). A last block
-shorter than ``block`` (K not a multiple of it) is allowed: ONNX blocked quantization gives that
-axis ceil(K / block) scales, so nothing is padded in the QDQ format (MatMulNBits pads K itself).
+i·kh·kw + ky·kw + kx). ONNX blocks along a single axis, so a blocked Conv weight is stored in
+its canonical 2-D form [O, I·kh·kw], dequantized with blocks along axis 1, and reshaped (and for
+ConvTranspose transposed) back to the kernel layout; per-channel and per-tensor Conv weights keep
+the kernel layout, so int8 per-channel weights still fuse into QLinearConv. For every op the
+group of canonical column k is k // block. A last block shorter than ``block`` (K not a multiple
+of it) is allowed: ONNX blocked quantization gives that axis ceil(K / block) scales, so nothing
+is padded in the QDQ format (MatMulNBits pads K itself).
 """
 
 from __future__ import annotations
@@ -89,42 +92,33 @@ class WeightSite:
 
     @property
     def rows(self) -> int:
-        return self.to_canonical(np.empty(self.shape, dtype=np.uint8)).shape[0]
+        return self.shape[1] if self.op == "ConvTranspose" or self.block_axis == 0 and not self.kernel else self.shape[0]
 
     @property
-    def reduction(self) -> int:
-        """Length of the blocked (reduction) axis in the stored layout."""
-        return self.shape[self.block_axis]
+    def columns(self) -> int:
+        """K of the canonical matrix."""
+        return int(np.prod(self.shape, dtype=np.int64)) // self.rows
 
     @property
-    def kernel_positions(self) -> int:
-        return int(np.prod(self.shape[2:], dtype=np.int64)) if self.op in ("Conv", "ConvTranspose") else 1
+    def kernel(self) -> bool:
+        """A Conv/ConvTranspose weight (blocked ones are stored in canonical 2-D form)."""
+        return self.op in ("Conv", "ConvTranspose")
 
     def group_map(self, granularity: str, block: int) -> np.ndarray:
-        """Scale group of every canonical column (see the module docstring)."""
-        k_total = self.to_canonical(np.empty(self.shape, dtype=np.uint8)).shape[1]
+        """Scale group of every canonical column: k // block, or 0 for per-channel/per-tensor."""
         if granularity in ("channel", "tensor"):
-            return np.zeros(k_total, dtype=np.int64)
-        positions = self.kernel_positions
-        column = np.arange(k_total)
-        channel, position = column // positions, column % positions
-        return (channel // block) * positions + position
+            return np.zeros(self.columns, dtype=np.int64)
+        return np.arange(self.columns, dtype=np.int64) // block
 
-    def scales_to_stored(self, scale: np.ndarray, granularity: str, block: int) -> np.ndarray:
-        """Canonical scales [R, G] (or [1, 1]) → the DequantizeLinear scale tensor."""
+    def scales_to_stored(self, scale: np.ndarray, granularity: str) -> np.ndarray:
+        """Canonical scales (or zero points) [R, G] / [1, 1] → the DequantizeLinear tensor."""
         if granularity == "tensor":
             return scale.reshape(())
         if granularity == "channel":
             return scale[:, 0]
-        rows = scale.shape[0]
-        n_blocks = -(-self.reduction // block)
-        positions = self.kernel_positions
-        per_row = scale.reshape(rows, n_blocks, positions)  # group id = block·positions + position
-        if self.op == "Conv":
-            return per_row.reshape((rows, n_blocks, *self.shape[2:]))
-        if self.op == "ConvTranspose":
-            return per_row.reshape((rows, n_blocks, *self.shape[2:])).swapaxes(0, 1)
-        return per_row[:, :, 0].T if self.block_axis == 0 else per_row[:, :, 0]
+        if self.kernel:
+            return scale  # blocked kernels are dequantized in canonical form
+        return scale.T if self.block_axis == 0 else scale
 
     def describe(self) -> str:
         return f"{self.op} '{self.name}' weight '{self.value.name}' {list(self.shape)}"
