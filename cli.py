@@ -32,8 +32,9 @@ from lowbit.analysis.report_format import human_bytes, human_count, jsonable
 from lowbit.core.compile import _write_json_atomic, compress
 from lowbit.core.errors import PassFailure, UserError
 
-#: the pipeline ``demo`` runs; it grows as passes land
-DEMO_PIPELINE = "fold-constants,fold-bn,cleanup"
+#: the pipeline ``demo`` runs: canonicalise, then W8A8 (int8 per-channel weights, uint8 activations)
+#: that onnxruntime runs as QLinearConv
+DEMO_PIPELINE = "fold-constants,fold-bn,cleanup,quantize(weights=8,granularity=channel,activations=8)"
 
 
 def _out(args, text: str, data) -> None:

