@@ -246,10 +246,7 @@ def quantize_with(W, scale, zero_point, groups, grid: Grid) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float32)
     zp = None if zero_point is None else np.asarray(zero_point)
     codes = np.empty((R, K), dtype=grid.code_dtype)
-    rows = max(1, _ROW_CHUNK_ELEMENTS // K)
-    for r0 in range(0, R, rows):
-        r1 = min(R, r0 + rows)
-        pick = (lambda a: a) if scale.shape == (1, 1) else (lambda a: a[r0:r1])
+    for r0, r1, pick in _row_chunks(R, K, scale):
         q = W[r0:r1].astype(np.float64)
         q /= _expand(pick(scale), groups)
         np.rint(q, out=q)
@@ -260,6 +257,15 @@ def quantize_with(W, scale, zero_point, groups, grid: Grid) -> np.ndarray:
     return codes
 
 
+def _row_chunks(R: int, K: int, scale: np.ndarray):
+    """(r0, r1, pick) over row chunks of bounded size; ``pick`` slices per-row parameters
+    (a per-tensor [1, 1] parameter applies to every chunk as it is)."""
+    rows = max(1, _ROW_CHUNK_ELEMENTS // K)
+    for r0 in range(0, R, rows):
+        r1 = min(R, r0 + rows)
+        yield r0, r1, (lambda a: a) if scale.shape == (1, 1) else (lambda a, r0=r0, r1=r1: a[r0:r1])
+
+
 def dequantize(codes, scale, zero_point, groups) -> np.ndarray:
     """float32 ``(codes - zero_point) * scale``, computed as onnxruntime's DequantizeLinear does."""
     codes = np.asarray(codes)
@@ -268,10 +274,7 @@ def dequantize(codes, scale, zero_point, groups) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float32)
     zp = None if zero_point is None else np.asarray(zero_point)
     out = np.empty((R, K), dtype=np.float32)
-    rows = max(1, _ROW_CHUNK_ELEMENTS // K)
-    for r0 in range(0, R, rows):
-        r1 = min(R, r0 + rows)
-        pick = (lambda a: a) if scale.shape == (1, 1) else (lambda a: a[r0:r1])
+    for r0, r1, pick in _row_chunks(R, K, scale):
         q = codes[r0:r1].astype(np.int32)
         if zp is not None:
             q -= _expand(pick(zp), groups)
