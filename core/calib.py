@@ -133,10 +133,18 @@ def check_feed(feed, specs: list[InputSpec], where: str) -> Feed:
         array = np.asarray(feed[spec.name])
         _check_shape(array.shape, spec, where)
         out[spec.name] = _cast(array, spec, where)
+        _check_finite(out[spec.name], spec, where)
     extra = set(feed) - {s.name for s in specs}
     if extra:
         raise UserError(f"{where}: '{sorted(extra)[0]}' is not an input of the model (inputs: {', '.join(s.name for s in specs)})")
     return out
+
+
+def _check_finite(array: np.ndarray, spec: InputSpec, where: str) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise UserError(f"{where}: array for input '{spec.name}' holds {bad} NaN or Inf value{'s' if bad > 1 else ''}; "
+                        "calibration data must be finite")
 
 
 def _check_shape(shape: tuple, spec: InputSpec, where: str, *, skip_first: bool = False) -> None:

@@ -139,7 +139,7 @@ class Quantize(Pass):
         needs_calib = o.activations != "none" or any(p.method == "gptq" for p in plans)
         if needs_calib and ctx.calib is None:
             what = "activation ranges" if o.activations != "none" else "GPTQ"
-            raise UserError(f"{what} need calibration data; pass --calib FILE.npz (or random:N for a quick try)")
+            raise UserError(f"{what} need{'' if o.activations != 'none' else 's'} calibration data; pass --calib FILE.npz (or random:N for a quick try)")
         for p in plans:
             planning.check_finite(p.site)
         tracemalloc.start()

@@ -53,8 +53,31 @@ def sensitive_values(graph: ir.Graph) -> dict[str, str]:
             _mark_chain(node, keep, f"inside the normalisation around ReduceMean '{node.name}'", depth=6)
         elif op == "Erf":
             keep[node.inputs[0].name] = f"input of Erf '{node.name}' (GELU)"
-            _mark_chain(node, keep, f"inside the GELU around Erf '{node.name}'", depth=2)
+            _mark_gelu(node, keep, f"inside the GELU around Erf '{node.name}'")
     return keep
+
+
+def _mark_gelu(erf: ir.Node, keep: dict[str, str], reason: str) -> None:
+    """Erf GELU, x·½·(1 + erf(x/√2)) in any association: mark erf's output and the elementwise
+    results after it, up to the GELU's output — the product with x, or the constant factor
+    (½) applied after that product — which is left quantizable."""
+    value = erf.outputs[0]
+    for _ in range(4):
+        keep.setdefault(value.name, reason)
+        users = list(value.uses())
+        if len(users) != 1:
+            return
+        user, _ = users[0]
+        if user.op_type not in ("Add", "Mul", "Div"):
+            return
+        if user.op_type == "Mul" and not all(_is_const(v) for v in user.inputs if v is not value):
+            product = user.outputs[0]  # · x: the result, unless a constant factor follows
+            after = list(product.uses())
+            if len(after) == 1 and after[0][0].op_type in ("Mul", "Div") and all(
+                    _is_const(v) for v in after[0][0].inputs if v is not product):
+                keep.setdefault(product.name, reason)
+            return
+        value = user.outputs[0]
 
 
 def _mark_chain(start: ir.Node, keep: dict[str, str], reason: str, depth: int) -> None:
@@ -79,9 +102,21 @@ def _mark_chain(start: ir.Node, keep: dict[str, str], reason: str, depth: int) -
                     frontier.append((user, level + 1))
 
 
+def _ensure_types(graph: ir.Graph) -> None:
+    """Give untyped intermediate values their element types by ONNX shape inference (annotating
+    the graph in place): exported models often carry no value_info, and placement must know
+    which tensors are float. Values inference cannot type stay untyped and are not quantized."""
+    if all(out.dtype is not None for node in graph for out in node.outputs):
+        return
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(ir.Model(graph, ir_version=13))
+
+
 def activation_targets(graph: ir.Graph, *, keep_float: dict[str, str] | None = None,
                        skip_nodes: set[str] | frozenset = frozenset()) -> list[ir.Value]:
     """Float activation tensors to quantize, in graph order (see the module docstring)."""
+    _ensure_types(graph)
     keep_float = keep_float or {}
     targets, seen = [], set()
 
@@ -143,4 +178,10 @@ def _fresh(graph: ir.Graph, base: str) -> str:
 
 
 def _fresh_node(graph: ir.Graph, base: str) -> str:
-    return base
+    """``base``, or ``base.N``: node names must be unique (weight DQs are named after their node,
+    and exporters often name a node's output after the node)."""
+    names = {node.name for node in graph}
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}.{i}", i + 1
+    return name

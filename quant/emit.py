@@ -16,7 +16,8 @@ absent when symmetric (the kernel then uses 2^(bits−1)).
 ``codebook``: W[r, k] = levels[r, g(k), idx[r, k]] written with standard operators only —
 ``Gather(levels_flat, Cast(idx) + row_base + col_base)`` with row_base[r] = r·G·L and
 col_base[k] = g(k)·L — so it runs on any onnxruntime (which folds it to a float weight at load);
-``idx`` is stored as uint4/uint2/uint8 to keep the file small.
+``idx`` is stored as uint4/uint2/uint8 to keep the file small (uint2 only at opset ≥ 25, which
+int2 types need; below it 2-bit indices are stored as uint4).
 """
 
 from __future__ import annotations
@@ -146,16 +147,29 @@ def emit_matmulnbits(site: WeightSite, graph: ir.Graph, codes_canonical: np.ndar
         attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": accuracy_level},
     )
     graph.opset_imports.setdefault("com.microsoft", 1)
-    _replace_node(graph, node, replacement)
+    nodes = [replacement] + _gemm_epilogue(graph, node, replacement.outputs[0], dtype, bias is not None)
+    _replace_node(graph, node, nodes)
     return replacement
 
 
+def _gemm_alpha_beta(node: ir.Node) -> tuple[float, float]:
+    attrs = node.attributes
+    return (float(attrs["alpha"].value) if "alpha" in attrs else 1.0,
+            float(attrs["beta"].value) if "beta" in attrs else 1.0)
+
+
 def _gemm_bias(node: ir.Node, n: int) -> ir.Value | None:
-    """Gemm's C as a MatMulNBits bias (only a constant vector of N, with beta folded in)."""
+    """Gemm's C as a MatMulNBits bias: only with alpha = 1 and C a constant row of N (or one)
+    elements (beta folded in); any other C is added after the MatMulNBits by ``_gemm_epilogue``."""
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
     c = node.inputs[2]
-    beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+    alpha, beta = _gemm_alpha_beta(node)
+    if alpha != 1.0 or c.const_value is None:
+        return None
+    dims = tuple(c.const_value.shape)
+    if not (all(d == 1 for d in dims) or (dims[-1] == n and all(d == 1 for d in dims[:-1]))):
+        return None  # not a row vector: it varies along M
     array = c.const_value.numpy().reshape(-1) * beta
     if array.size == 1:
         array = np.full(n, array[0], dtype=array.dtype)
@@ -164,13 +178,40 @@ def _gemm_bias(node: ir.Node, n: int) -> ir.Value | None:
     return value
 
 
-def _replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+def _gemm_epilogue(graph: ir.Graph, node: ir.Node, y: ir.Value, dtype: ir.DataType, bias_used: bool) -> list[ir.Node]:
+    """The rest of Gemm's alpha·(A·B) + beta·C after the MatMulNBits, when C is not its bias:
+    Mul by alpha (≠ 1), then Add of beta·C (a constant folded, else Mul(C, beta) first)."""
+    if node.op_type != "Gemm":
+        return []
+    alpha, beta = _gemm_alpha_beta(node)
+    nodes: list[ir.Node] = []
+
+    def scalar(label: str, x: float) -> ir.Value:
+        return _initializer(graph, _unique(graph, f"{node.name}.{label}"), np.array(x, dtype=dtype.numpy()))
+
+    if alpha != 1.0:
+        nodes.append(ir.node("Mul", [y, scalar("alpha", alpha)], name=f"{node.name}.alpha"))
+        y = nodes[-1].outputs[0]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None and not bias_used:
+        if c.const_value is not None and beta != 1.0:
+            c = _initializer(graph, _unique(graph, f"{c.name}.scaled"), (c.const_value.numpy() * beta).astype(dtype.numpy()))
+        elif beta != 1.0:
+            nodes.append(ir.node("Mul", [c, scalar("beta", beta)], name=f"{node.name}.beta"))
+            c = nodes[-1].outputs[0]
+        nodes.append(ir.node("Add", [y, c], name=f"{node.name}.c"))
+    return nodes
+
+
+def _replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node | list[ir.Node]) -> None:
     from onnx_ir.convenience import replace_nodes_and_values
 
-    for value in new.inputs:
-        if value is not None and value.const_value is not None and value.name not in graph.initializers and value.producer() is None:
-            graph.register_initializer(value)
-    replace_nodes_and_values(graph, old, [old], [new], old.outputs, new.outputs)
+    new = new if isinstance(new, list) else [new]
+    for node in new:
+        for value in node.inputs:
+            if value is not None and value.const_value is not None and value.name not in graph.initializers and value.producer() is None:
+                graph.register_initializer(value)
+    replace_nodes_and_values(graph, old, [old], new, old.outputs, new[-1].outputs)
     for value in list(old.inputs):
         if value is not None and not value.uses() and value.name in graph.initializers and not value.is_graph_output():
             del graph.initializers[value.name]
@@ -184,7 +225,9 @@ def emit_codebook(site: WeightSite, graph: ir.Graph, indices: np.ndarray, levels
     dtype = site.value.dtype
     old = site.value
     base = _unique(graph, f"{old.name}.cb{bits}")
-    index_type = {2: ml_dtypes.uint2, 3: ml_dtypes.uint4, 4: ml_dtypes.uint4}.get(bits, np.uint8)
+    # uint2 needs opset 25 (Cast takes it from there); below that 2-bit indices ride in uint4
+    two = ml_dtypes.uint2 if graph.opset_imports.get("", 1) >= 25 else ml_dtypes.uint4
+    index_type = {2: two, 3: ml_dtypes.uint4, 4: ml_dtypes.uint4}.get(bits, np.uint8)
     idx = _initializer(graph, base, indices.astype(index_type))
     table = _initializer(graph, _unique(graph, f"{base}.levels"), levels.reshape(-1).astype(dtype.numpy()))
     row_base = _initializer(graph, _unique(graph, f"{base}.row_base"),

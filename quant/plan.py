@@ -79,6 +79,9 @@ def plans(sites: list[WeightSite], o, ctx, bits_by_node: dict[str, int] | None =
             raise RuntimeError("weights=auto must be resolved to bits before planning")
         plan = LayerPlan(site, int(bits), int(table.get("block", o.block)), table.get("granularity", o.granularity),
                          table.get("method", o.method), bool(table.get("symmetric", o.symmetric)))
+        if plan.method == "codebook" and plan.granularity == "block" and (1 << plan.bits) * 4 >= plan.block:
+            ctx.warn(f"{site.describe()}: a {plan.bits}-bit codebook per block of {plan.block} stores "
+                     f"{1 << plan.bits} float levels for every {plan.block} weights; use a larger block to save space")
         if plan.method == "gptq" and not _gptq_supported(site):
             plan.method = "rtn"
             ctx.warn(f"{site.describe()}: GPTQ is defined here for MatMul, Gemm and 2-D Conv; rounded with RTN")
