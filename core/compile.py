@@ -24,7 +24,6 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
              report_path=None, progress=True, batch_size=16):
     """Load, run ``passes`` (configured Pass objects or pipeline text) with verification, save
     atomically; return the report dict."""
-    import onnx_ir as ir
     from tqdm import tqdm
 
     from lowbit import __version__

@@ -83,12 +83,19 @@ def emit_qdq(site: WeightSite, graph: ir.Graph, codes: np.ndarray, scale: np.nda
     nodes = [dq]
     if canonical:
         out = _canonical_to_stored_nodes(site, out, prefix, nodes, graph)
+    _splice(site, graph, nodes, out)
+    return dq
+
+
+def _splice(site: WeightSite, graph: ir.Graph, nodes: list[ir.Node], weight: ir.Value) -> None:
+    """Insert ``nodes`` before the site's node, feed it ``weight`` instead of the float initializer,
+    and drop that initializer when nothing else reads it."""
+    old = site.value
     for node in nodes:
         graph.insert_before(site.node, node)
-    site.node.replace_input_with(site.input_index, out)
+    site.node.replace_input_with(site.input_index, weight)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         del graph.initializers[old.name]
-    return dq
 
 
 def _unique_node(graph: ir.Graph, base: str) -> str:
@@ -242,12 +249,7 @@ def emit_codebook(site: WeightSite, graph: ir.Graph, indices: np.ndarray, levels
     canonical = gather.outputs[0]
     canonical.name = f"{base}.canonical"
     canonical.dtype, canonical.shape = dtype, ir.Shape([rows, k])
-    out = _canonical_to_stored_nodes(site, canonical, prefix, nodes, graph)
-    for node in nodes:
-        graph.insert_before(site.node, node)
-    site.node.replace_input_with(site.input_index, out)
-    if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
-        del graph.initializers[old.name]
+    _splice(site, graph, nodes, _canonical_to_stored_nodes(site, canonical, prefix, nodes, graph))
     return gather
 
 
