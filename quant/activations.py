@@ -2,7 +2,8 @@
 
 Placement follows onnxruntime's QDQ conventions so its fusions apply: a float tensor is quantized
 when it is produced by an op onnxruntime can run quantized (or is a graph input) and every consumer
-is such an op — so Conv/MatMul/Gemm get a DQ on each activation input and a Q on their output
+is such an op — except between a Conv/Gemm/MatMul/Add and the Relu/Clip it feeds, which
+onnxruntime fuses into the quantized op (the range is taken after the activation) — so Conv/MatMul/Gemm get a DQ on each activation input and a Q on their output
 (→ QLinearConv / QLinearMatMul), and Relu, Clip, pooling, Reshape, Transpose, Concat and friends
 sit between Q/DQ pairs that onnxruntime propagates through or fuses away.
 
@@ -24,6 +25,11 @@ QUANTIZED_OPS = frozenset({
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize", "Split", "Slice", "Gather",
     "Pad", "DepthToSpace", "SpaceToDepth", "Softmax", "ArgMax",
 })
+#: producers that onnxruntime fuses with a following Relu/Clip into one quantized op; the tensor
+#: between them is never quantized (its pre-activation range would waste the grid, e.g. a
+#: depthwise conv's output spanning ±50 ahead of a ReLU6 that keeps [0, 6])
+_FUSES_ACTIVATION = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"})
+_ACTIVATIONS = frozenset({"Relu", "Clip"})
 _NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                        "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupNormalization",
                        "InstanceNormalization"})
@@ -132,6 +138,8 @@ def activation_targets(graph: ir.Graph, *, keep_float: dict[str, str] | None = N
         users = [user for user, _ in value.uses()]
         if not users or any(u.op_type not in QUANTIZED_OPS or u.name in skip_nodes for u in users):
             return
+        if producer is not None and producer.op_type in _FUSES_ACTIVATION and all(u.op_type in _ACTIVATIONS for u in users):
+            return  # quantized after the Relu/Clip instead, as one fused QLinear op
         targets.append(value)
 
     for value in graph.inputs:
