@@ -7,7 +7,11 @@
 * ``metrics.json`` — the float metrics and provenance measured when the files were made;
 * ``data`` — the evaluation and calibration data (numpy only);
 * ``synthetic`` — seeded ResNet / MobileNet / transformer blocks built with ``onnx_ir``;
-* ``train_digits_cnn`` / ``train_tiny_llama`` — the torch scripts that made the two files.
+* ``train_digits_cnn`` / ``train_tiny_llama`` — the torch scripts that made the two files;
+* ``demo`` — ``lowbit demo``: the default pipeline on an embedded model, before and after;
+* ``efficientnet_lite0`` / ``export_minilm`` — torch export scripts of pip-installed pretrained
+  models (EfficientNet-Lite0, all-MiniLM-L6-v2), used by tests and benchmarks, never committed;
+* ``imagenet_eval`` / ``minilm`` — their evaluation data and metrics (numpy and onnxruntime only).
 
 Submodules are imported on demand; importing this package loads nothing heavy.
 """
