@@ -19,6 +19,16 @@ def tiny_path(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def lite0_path(tmp_path_factory) -> Path:
+    """EfficientNet-Lite0 with its ImageNet weights, exported once per test session (torch)."""
+    from lowbit.models import efficientnet_lite0
+
+    path = tmp_path_factory.mktemp("efficientnet") / "efficientnet_lite0.onnx"
+    efficientnet_lite0.export(path)
+    return path
+
+
 @pytest.fixture
 def run_cli():
     """Call ``lowbit.cli.main`` in-process; return (exit code, stdout, stderr)."""

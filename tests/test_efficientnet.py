@@ -20,15 +20,6 @@ REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="session")
-def lite0_path(tmp_path_factory):
-    from lowbit.models import efficientnet_lite0
-
-    path = tmp_path_factory.mktemp("efficientnet") / "efficientnet_lite0.onnx"
-    efficientnet_lite0.export(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def lite0_raw_path(tmp_path_factory):
     from lowbit.models import efficientnet_lite0
 

@@ -81,15 +81,6 @@ def minilm_float(minilm_dir, minilm_eval):
 
 
 @pytest.fixture(scope="session")
-def lite0_path(tmp_path_factory):
-    from lowbit.models import efficientnet_lite0
-
-    path = tmp_path_factory.mktemp("lite0") / "efficientnet_lite0.onnx"
-    efficientnet_lite0.export(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def crops():
     return imagenet_eval.eval_crops()
 
