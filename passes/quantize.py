@@ -142,14 +142,18 @@ class Quantize(Pass):
             raise UserError(f"{what} need{'' if o.activations != 'none' else 's'} calibration data; pass --calib FILE.npz (or random:N for a quick try)")
         for p in plans:
             planning.check_finite(p.site)
-        tracemalloc.start()
+        tracing = tracemalloc.is_tracing()  # a caller may be measuring memory itself
+        if not tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
         started = time.perf_counter()
         try:
             layers = planning.quantize_weights(model, plans, o, ctx)
             act = planning.quantize_activations(model, o, ctx) if o.activations != "none" else {}
         finally:
             _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
+            if not tracing:
+                tracemalloc.stop()
         ctx.note("layers", layers)
         ctx.note("activations", act)
         ctx.note("calibration_seconds", time.perf_counter() - started)
