@@ -12,7 +12,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.core.errors import UserError
+from lowbit.core.errors import UserError, did_you_mean
 from lowbit.quant import emit
 from lowbit.quant.activations import activation_targets, insert_qdq, sensitive_values
 from lowbit.quant.capture import capture
@@ -43,7 +43,7 @@ def select(sites: list[WeightSite], o) -> tuple[list[WeightSite], list[tuple[str
     for name in o.overrides:
         if name not in by_name:
             raise UserError(f"quantize override names node '{name}', which does not exist or has no quantizable weight"
-                            + _closest(name, by_name))
+                            + did_you_mean(name, by_name))
     chosen, skipped = [], []
     include = re.compile(o.nodes) if o.nodes else None
     exclude = re.compile(o.exclude_nodes) if o.exclude_nodes else None
@@ -61,12 +61,6 @@ def select(sites: list[WeightSite], o) -> tuple[list[WeightSite], list[tuple[str
         else:
             chosen.append(site)
     return chosen, skipped
-
-
-def _closest(name: str, names) -> str:
-    from lowbit.core.errors import did_you_mean
-
-    return did_you_mean(name, names)
 
 
 def plans(sites: list[WeightSite], o, ctx, bits_by_node: dict[str, int] | None = None) -> list[LayerPlan]:
@@ -174,13 +168,17 @@ def _accumulate(model: ir.Model, plans: list[LayerPlan], o, ctx) -> dict[int, li
         names[id(plan)] = x.name
         acc[id(plan)] = [HessianAccumulator(plan.site.columns) for _ in row_blocks(plan.site)]
     label = f"GPTQ {plans[0].site.name}" if len(plans) == 1 else f"GPTQ {len(plans)} layers"
-    total = None if ctx.calib.num_samples is None else -(-min(o.samples, ctx.calib.num_samples) // 16)
-    for batch in ctx.track(capture(model, sorted(set(names.values())), ctx.calib, max_samples=o.samples), label, total):
+    for batch in _sweep(model, sorted(set(names.values())), o, ctx, label):
         for plan in plans:
             x = batch[names[id(plan)]]
             for accumulator, rows in zip(acc[id(plan)], reduction_rows(plan.site, x)):
                 accumulator.update(rows)
     return acc
+
+
+def _sweep(model: ir.Model, names: list[str], o, ctx, label: str):
+    """One pass over at most ``o.samples`` calibration samples, yielding the named values per batch."""
+    return ctx.track(capture(model, names, ctx.calib, max_samples=o.samples), label)
 
 
 def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
@@ -210,8 +208,8 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
 
         parts, reports = [], []
         for rows, accumulator in zip(row_blocks(site), hessian):
-            q, report = _unpack(gptq(canonical[rows], accumulator.H(), groups, grid, damp=o.damp,
-                                        act_order=o.act_order, mse_clip=o.mse_clip, per_tensor=per_tensor))
+            q, report = gptq(canonical[rows], accumulator.H(), groups, grid, damp=o.damp,
+                             act_order=o.act_order, mse_clip=o.mse_clip, per_tensor=per_tensor)
             parts.append(q)
             reports.append(report)
         quantized = _concat(parts)
@@ -220,7 +218,7 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
     else:
         from lowbit.quant.rtn import rtn
 
-        quantized, report = _unpack(rtn(canonical, groups, grid, mse_clip=o.mse_clip, per_tensor=per_tensor))
+        quantized, report = rtn(canonical, groups, grid, mse_clip=o.mse_clip, per_tensor=per_tensor)
         clip = report.get("mean_clip")
     deq = quantized.dequantize()
     entry.update(weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=clip)
@@ -236,12 +234,6 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
         entry["format"] = f"QDQ {'int' if plan.symmetric else 'uint'}{bits}" + (f" holding {plan.bits}-bit codes" if bits != plan.bits else "")
     entry["bytes_after"] = _new_bytes(graph, before)
     return entry
-
-
-def _unpack(result):
-    if isinstance(result, tuple):
-        return result[0], dict(result[1] or {})
-    return result, {}
 
 
 def _concat(parts):
@@ -286,8 +278,7 @@ def quantize_activations(model: ir.Model, o, ctx) -> dict:
         return {"quantized": 0, "kept_float": keep}
     observers = {v.name: Observer(v.name) for v in targets}
     names = list(observers)
-    total = None if ctx.calib.num_samples is None else -(-min(o.samples, ctx.calib.num_samples) // 16)
-    for batch in ctx.track(capture(model, names, ctx.calib, max_samples=o.samples), "activation ranges", total):
+    for batch in _sweep(model, names, o, ctx, "activation ranges"):
         for name, array in batch.items():
             observers[name].update(array)
     dtype = np.uint8 if o.activations == 8 else np.uint16
