@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Conv-BN-Relu model written to disk, and a CLI runner."""
+"""Shared fixtures: a tiny Conv-BN-Relu model, real models exported once per session, a CLI runner."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import contextlib
 import io as _io
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import tiny_cnn
 from lowbit.core import io
+from lowbit.models import minilm
 
 
 @pytest.fixture
@@ -27,6 +29,32 @@ def lite0_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("efficientnet") / "efficientnet_lite0.onnx"
     efficientnet_lite0.export(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    """all-MiniLM-L6-v2 exported once per session (torch, offline weights): a folder with
+    ``minilm.onnx``, the evaluation/calibration .npz and the torch embeddings."""
+    from lowbit.models import export_minilm
+
+    folder = tmp_path_factory.mktemp("minilm")
+    eval_npz, _ = minilm.write_data(folder)
+    module = export_minilm.build()
+    export_minilm.export(folder / "minilm.onnx", model=module)
+    ids, mask = minilm.load_data(eval_npz)
+    np.save(folder / "torch_embeddings.npy", export_minilm.embeddings(module, ids, mask))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm_eval(minilm_dir):
+    return minilm.load_data(minilm_dir / minilm.EVAL_NPZ)
+
+
+@pytest.fixture(scope="session")
+def minilm_float(minilm_dir, minilm_eval):
+    """Sentence embeddings of the exported float model (onnxruntime), [500, 384]."""
+    return minilm.embed(minilm_dir / "minilm.onnx", *minilm_eval)
 
 
 @pytest.fixture

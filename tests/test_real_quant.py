@@ -56,31 +56,6 @@ MINILM_WEIGHT_MATMULS = 36
 
 
 @pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory):
-    """Folder with ``minilm.onnx``, the evaluation/calibration .npz and the torch embeddings."""
-    from lowbit.models import export_minilm
-
-    folder = tmp_path_factory.mktemp("minilm")
-    eval_npz, _ = minilm.write_data(folder)
-    module = export_minilm.build()
-    export_minilm.export(folder / "minilm.onnx", model=module)
-    ids, mask = minilm.load_data(eval_npz)
-    np.save(folder / "torch_embeddings.npy", export_minilm.embeddings(module, ids, mask))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def minilm_eval(minilm_dir):
-    return minilm.load_data(minilm_dir / minilm.EVAL_NPZ)
-
-
-@pytest.fixture(scope="session")
-def minilm_float(minilm_dir, minilm_eval):
-    """Sentence embeddings of the exported float model (onnxruntime), [500, 384]."""
-    return minilm.embed(minilm_dir / "minilm.onnx", *minilm_eval)
-
-
-@pytest.fixture(scope="session")
 def crops():
     return imagenet_eval.eval_crops()
 
