@@ -54,6 +54,9 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.passes.base import Pass, option
+from lowbit.passes.edit import Names as _Names
+from lowbit.passes.edit import drop_if_dead as _drop_if_dead
+from lowbit.passes.edit import new_const, set_const as _set_const
 
 
 @dataclasses.dataclass
@@ -174,65 +177,6 @@ class _BN:
 
 # --------------------------------------------------------------------------------------------
 # Names and graph edits
-
-
-class _Names:
-    """Names already used in one graph, to hand out fresh deterministic ones."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used = set(ir.convenience.create_value_mapping(graph))
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}.{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-def _owned(value: ir.Value, user: ir.Node) -> bool:
-    """True if ``value`` is an initializer that only ``user`` reads, once (safe to rewrite)."""
-    return (
-        value.is_initializer()
-        and value.const_value is not None
-        and not value.is_graph_input()
-        and not value.is_graph_output()
-        and [u for u, _ in value.uses()] == [user]
-    )
-
-
-def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, names: _Names,
-               base: str) -> None:
-    """Make input ``index`` of ``node`` the constant ``array``: in place if ``node`` owns it,
-    else as a new initializer named from ``base``."""
-    old = node.inputs[index] if index < len(node.inputs) else None
-    if old is not None and _owned(old, node) and old.dtype == ir.DataType.from_numpy(array.dtype):
-        old.shape = ir.Shape(array.shape)
-        old.const_value = ir.tensor(array, name=old.name)
-        return
-    value = ir.Value(
-        name=names.fresh(base), shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array),
-    )
-    value.const_value.name = value.name
-    graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
-    if old is not None:
-        _drop_if_dead(graph, old)
-
-
-def _drop_if_dead(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove an initializer or Constant node that nothing reads any more."""
-    if value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    if value.is_initializer() and value.name in graph.initializers:
-        graph.initializers.pop(value.name)
-        return
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-        graph.remove(producer, safe=True)
 
 
 def _bias_name(weight: ir.Value) -> str:
@@ -387,10 +331,7 @@ def _fold_matmul(graph: ir.Graph, bn: _BN, node: ir.Node, names: _Names) -> None
             return
     _set_const(graph, node, 1, w, names, f"{node.inputs[1].name}.bnfold")
     shift = bn.shift.astype(w0.dtype)
-    bias = ir.Value(name=names.fresh(_bias_name(node.inputs[1])), shape=ir.Shape(shift.shape),
-                    type=ir.TensorType(ir.DataType.from_numpy(shift.dtype)), const_value=ir.tensor(shift))
-    bias.const_value.name = bias.name
-    graph.register_initializer(bias)
+    bias = new_const(graph, names, _bias_name(node.inputs[1]), shift)
     add = ir.node("Add", [node.outputs[0], bias], name=names.fresh(f"{bn.node.name or 'bn'}.add"))
     out = add.outputs[0]
     out.name = names.fresh(f"{bn.y.name}.folded")
@@ -461,11 +402,7 @@ def _to_mul_add(graph: ir.Graph, bn: _BN, names: _Names) -> None:
     consts = []
     for label, array in (("bn_scale", bn.scale), ("bn_shift", bn.shift)):
         a = array.reshape(shape).astype(dtype)
-        value = ir.Value(name=names.fresh(f"{base}.{label}"), shape=ir.Shape(a.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(a.dtype)), const_value=ir.tensor(a))
-        value.const_value.name = value.name
-        graph.register_initializer(value)
-        consts.append(value)
+        consts.append(new_const(graph, names, f"{base}.{label}", a))
     prefix = bn.node.name or base
     mul = ir.node("Mul", [bn.x, consts[0]], name=names.fresh(f"{prefix}.mul"))
     add = ir.node("Add", [mul.outputs[0], consts[1]], name=names.fresh(f"{prefix}.add"))
