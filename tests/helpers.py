@@ -1,6 +1,9 @@
-"""Small models built in code for tests (onnx-ir, no files)."""
+"""Small models built in code for tests (onnx-ir, no files), and the check that a command was refused."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -31,3 +34,20 @@ def tiny_cnn(seed: int = 0) -> ir.Model:
     model.metadata_props["origin"] = "tests"
     model.graph.doc_string = "a tiny test model"
     return model
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(run_cli, folder: Path, *argv, match: str) -> str:
+    """Run the CLI, expect exit 2 with one line naming the problem and no file written or changed."""
+    before = _digest(folder)
+    code, out, err = run_cli(*argv)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lowbit: error: ")
+    assert match in lines[0], lines[0]
+    assert _digest(folder) == before, "a refused command wrote or changed files"
+    return lines[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import struct
 import zlib
@@ -12,25 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
+from helpers import refused
 from lowbit.core import io
 from lowbit.passes.base import registry
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(run_cli, folder: Path, *argv, match: str) -> str:
-    """Run the CLI, expect exit 2 with one line naming the problem and no file written or changed."""
-    before = _digest(folder)
-    code, out, err = run_cli(*argv)
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lowbit: error: ")
-    assert match in lines[0], lines[0]
-    assert _digest(folder) == before, "a refused command wrote or changed files"
-    return lines[0]
 
 
 def _png() -> bytes:
