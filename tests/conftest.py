@@ -57,6 +57,17 @@ def minilm_float(minilm_dir, minilm_eval):
     return minilm.embed(minilm_dir / "minilm.onnx", *minilm_eval)
 
 
+@pytest.fixture(scope="session")
+def gpt2_path(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (seeded random weights, ``transformers``, seed 0) exported once per session;
+    rebuild the same torch module with ``export_gpt2.build()`` for reference logits."""
+    from lowbit.models import export_gpt2
+
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.onnx"
+    export_gpt2.export(path, model=export_gpt2.build())
+    return path
+
+
 @pytest.fixture
 def run_cli():
     """Call ``lowbit.cli.main`` in-process; return (exit code, stdout, stderr)."""
