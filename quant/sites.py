@@ -136,6 +136,9 @@ def find_sites(graph: ir.Graph) -> tuple[list[WeightSite], list[tuple[str, str]]
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in QUANTIZABLE_OPS:
             continue
+        if node.metadata_props.get("lowbit.role") == "rotation":
+            skipped.append((node.name, "online rotation (kept in float)"))
+            continue
         site, reason = _site(node)
         if site is not None:
             sites.append(site)

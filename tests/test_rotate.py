@@ -1,0 +1,308 @@
+"""Rotations (issue #4): the matrices, and the ``rotate`` pass proven exact on real exported graphs.
+
+* matrices: every kind is orthogonal to 1e-12 (Hadamard orders built by Sylvester, Paley I and
+  Paley II over GF(p^k), Kronecker products of them); Walsh rows are in sequency order; GSR is
+  block-diagonal; the same seed gives the same matrix; impossible dimensions are refused with
+  the alternatives named;
+* fused mode on the tiny LLaMA (decomposed RMSNorm, SwiGLU, tied nothing) for every kind and on
+  a GPT-2 built by ``transformers`` (LayerNorm → centred writers → RMS form, fused QKV, tied
+  head): outputs move by ≤ 1e-4 relative; online mode and V/O rotation on all-MiniLM-L6-v2
+  (post-norm, so fused mode is refused) and on 1×1 Convs and Gemms built here;
+* with #3's quantizer: the tiny LLaMA's bits/byte damage at W4 block 32 RTN shrinks by ≥ 30%
+  with ``rotate(kind=hadamard)``; MiniLM W4 per-channel RTN gets closer to float with online
+  rotation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from helpers import refused
+from lowbit.core.compile import compress
+from lowbit.core.errors import UserError
+from lowbit.models import demo, evaluate, minilm
+from lowbit.quant import rotations
+
+TOL = 1e-4
+
+
+def _rel(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.abs(ref.astype(np.float64) - got).max() / np.abs(ref).max())
+
+
+def _run(path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def _ops(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _notes(report) -> dict:
+    return next(p for p in report["passes"] if p["name"] == "rotate")["notes"]
+
+
+# --------------------------------------------------------------------------------------------
+# Matrices
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 12, 20, 24, 28, 36, 40, 52, 128, 344, 384, 1536])
+def test_hadamard_orders(n):
+    h = rotations.hadamard_pm1(n)
+    assert set(np.unique(h)) <= {-1.0, 1.0}
+    assert np.array_equal(h @ h.T, n * np.eye(n))  # exact in integers
+    q = rotations.rotation("hadamard", n, np.random.default_rng(0))
+    assert np.abs(q.T @ q - np.eye(n)).max() <= 1e-12
+
+
+@pytest.mark.parametrize("kind", rotations.KINDS)
+@pytest.mark.parametrize("n", [16, 64, 256])
+def test_every_kind_orthogonal_and_seeded(kind, n):
+    q = rotations.rotation(kind, n, np.random.default_rng(1), group=16)
+    assert q.dtype == np.float64 and q.shape == (n, n)
+    assert np.abs(q.T @ q - np.eye(n)).max() <= 1e-12
+    again = rotations.rotation(kind, n, np.random.default_rng(1), group=16)
+    other = rotations.rotation(kind, n, np.random.default_rng(2), group=16)
+    assert np.array_equal(q, again)
+    assert not np.array_equal(q, other)
+
+
+def test_walsh_is_sequency_ordered():
+    w = rotations.walsh(64, np.random.default_rng(0), signs=False) * 8
+    changes = np.count_nonzero(np.diff(np.sign(w), axis=1), axis=1)
+    assert list(changes) == list(range(64))  # row i changes sign exactly i times
+
+
+def test_gsr_is_block_diagonal_walsh():
+    q = rotations.gsr(128, np.random.default_rng(0), group=32, signs=False)
+    block = rotations.walsh(32, np.random.default_rng(0), signs=False)
+    for i in range(4):
+        for j in range(4):
+            part = q[32 * i:32 * (i + 1), 32 * j:32 * (j + 1)]
+            assert np.array_equal(part, block) if i == j else not part.any()
+
+
+def test_haar_random_is_uniform_enough():
+    # Haar: E[Q_ij] = 0 and E[Q_ij²] = 1/n; over 200 draws of n = 8 both hold to a few percent.
+    rng = np.random.default_rng(0)
+    draws = np.stack([rotations.haar_random(8, rng) for _ in range(200)])
+    assert abs(draws.mean()) < 0.01
+    assert abs((draws**2).mean() - 1 / 8) < 1e-12  # rows are unit vectors
+    assert np.abs(draws[:, 0, 0]).mean() == pytest.approx(0.31, abs=0.04)  # E|x| for a sphere coordinate
+
+
+@pytest.mark.parametrize(("kind", "n", "group", "names"), [
+    ("hadamard", 92, None, ["92", "kind=random", "kind=gsr"]),
+    ("hadamard", 6, None, ["6", "kind=random"]),
+    ("walsh", 344, None, ["344", "kind=hadamard (which builds 344)", "kind=random"]),
+    ("gsr", 96, 64, ["96", "group 64", "group=32"]),
+])
+def test_impossible_dimension_names_alternatives(kind, n, group, names):
+    with pytest.raises(UserError) as exc:
+        rotations.rotation(kind, n, np.random.default_rng(0), group=group)
+    for name in names:
+        assert name in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused mode: tiny LLaMA (RMSNorm, decomposed) and GPT-2 (LayerNorm)
+
+
+@pytest.fixture(scope="module")
+def llama_tokens():
+    return evaluate.heldout_windows()[:8, :128]
+
+
+@pytest.mark.parametrize("options", ["kind=hadamard", "kind=walsh,down=false", "kind=gsr,group=32,down=false",
+                                     "kind=random", "kind=hadamard,heads=false,down=false"])
+def test_fused_llama_exact(tmp_path, llama_tokens, options):
+    src, out = demo.model_path("llama"), tmp_path / "rot.onnx"
+    report = compress(src, out, f"rotate({options})", progress=False)
+    feed = {"tokens": llama_tokens}
+    assert _rel(_run(src, feed), _run(out, feed)) <= TOL
+    notes = _notes(report)["rotations"]
+    assert notes["stream_width"] == 128 and notes["norms"] == 9 and notes["writers"] == 8
+    assert notes["readers"] == 4 * 5 + 1 and notes["tables"] == 1 and not notes["centered"]
+    ops = _ops(out)
+    assert "Pow" not in ops and "Reciprocal" not in ops  # the old norms are gone, γ folded
+    assert ops["Div"] == 9 and ops["Sqrt"] == 9
+    assert ("attention_heads" in notes) == ("heads=false" not in options)
+    if "down=false" not in options:
+        assert notes["online_down_proj_input"] == 4
+        assert ops["MatMul"] == _ops(src)["MatMul"] + 4
+
+
+def test_fused_llama_report_rows(tmp_path):
+    report = compress(demo.model_path("llama"), tmp_path / "rot.onnx", "rotate", progress=False)
+    rows = {row["node"]: row for row in _notes(report)["layers"]}
+    assert len(rows) == 4 * 7 + 1  # every weight MatMul of the blocks and the head
+    assert rows["node_linear_2"]["role"] == "v+reader"
+    assert rows["node_linear_27"]["role"] == "writer+down_proj input"
+    for row in rows.values():
+        assert row["kurtosis_before"] > 1 and row["kurtosis_after"] > 1 and row["max_rms_after"] > 1
+
+
+def test_fused_gpt2_layernorm_exact(tmp_path, gpt2_path):
+    out = tmp_path / "rot.onnx"
+    report = compress(gpt2_path, out, "fold-constants,rotate", progress=False)
+    rng = np.random.default_rng(0)
+    for seq in (5, 17):
+        feed = {"input_ids": rng.integers(0, 512, size=(2, seq)).astype(np.int64)}
+        assert _rel(_run(gpt2_path, feed), _run(out, feed)) <= TOL
+    notes = _notes(report)["rotations"]
+    assert notes["norm_kind"] == "layer" and notes["centered"] and notes["norms"] == 2 * 2 + 1
+    assert notes["attention_heads"]["heads"] == 4 and notes["attention_heads"]["width"] == 32
+    assert "LayerNormalization" not in _ops(out)
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM: post-norm, so online rotations and V/O
+
+
+@pytest.fixture(scope="module")
+def minilm_feed(minilm_eval):
+    ids, mask = minilm_eval
+    return {"input_ids": ids[:16], "attention_mask": mask[:16]}
+
+
+def test_minilm_online_and_heads_exact(tmp_path, minilm_dir, minilm_feed):
+    src = minilm_dir / "minilm.onnx"
+    for options in ("mode=online", "mode=online,heads=false", "mode=online,targets=[],kind=random"):
+        out = tmp_path / "rot.onnx"
+        report = compress(src, out, f"rotate({options})", progress=False)
+        assert _rel(_run(src, minilm_feed), _run(out, minilm_feed)) <= TOL, options
+        notes = _notes(report)["rotations"]
+        # Per layer: q/k/v share one rotation; the attention output, FFN up and down one each.
+        assert notes["online_online"] == 6 * 4
+        assert ("attention_heads" in notes) == ("heads=false" not in options)
+
+
+def test_minilm_heads_only_exact(tmp_path, minilm_dir, minilm_feed):
+    src, out = minilm_dir / "minilm.onnx", tmp_path / "rot.onnx"
+    report = compress(src, out, "rotate(mode=heads,kind=walsh)", progress=False)
+    assert _rel(_run(src, minilm_feed), _run(out, minilm_feed)) <= TOL
+    notes = _notes(report)["rotations"]
+    assert notes == {"attention_heads": {"layers": 6, "heads": 12, "width": 32}}
+    assert _ops(out) == _ops(src)  # V/O rotation adds no node
+
+
+def test_minilm_online_w4_closer_to_float(tmp_path, minilm_dir, minilm_eval, minilm_float):
+    """W4 per-channel RTN on MiniLM, with and without online rotation, against float embeddings."""
+    src = minilm_dir / "minilm.onnx"
+    quant = "quantize(weights=4,granularity=channel,method=rtn,exclude_ops=[Gather])"
+    compress(src, tmp_path / "q.onnx", quant, progress=False, verify=False)
+    compress(src, tmp_path / "rq.onnx", f"rotate(mode=online),{quant}", progress=False, verify=False)
+    plain = minilm.mean_cosine(minilm.embed(tmp_path / "q.onnx", *minilm_eval), minilm_float)
+    rotated = minilm.mean_cosine(minilm.embed(tmp_path / "rq.onnx", *minilm_eval), minilm_float)
+    print({"w4_channel_rtn": plain, "online_rotated": rotated})
+    assert rotated > plain + 0.004  # measured 0.9504 → 0.9562
+    # The online rotations themselves stay float: 36 weight MatMuls quantized, 24 rotations not.
+    graph = onnx.load(str(tmp_path / "rq.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 36
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization damage: tiny LLaMA W4 block 32
+
+
+def test_llama_w4_rtn_damage_shrinks_30_percent(tmp_path):
+    """Plain (min/max) RTN, W4 block 32; the head stays float in both runs, as in QuaRot.
+
+    Measured (bits/byte on the 16,384 held-out bytes): float 1.9093, W4 RTN 1.9269, rotated
+    1.9202 (seeds 1, 2: 1.9184, 1.9189) — 38–48% less damage. With the default MSE-clipped RTN
+    the damage is already small (0.006) and rotation does not change it (see benchmarks/rotate.py).
+    """
+    src = demo.model_path("llama")
+    quant = "quantize(weights=4,block=32,method=rtn,mse_clip=false,exclude_nodes=node_linear_28)"
+    float_bpb = evaluate.llama_bits_per_byte(str(src))
+    compress(src, tmp_path / "q.onnx", quant, progress=False, verify=False)
+    compress(src, tmp_path / "rq.onnx", f"rotate(kind=hadamard),{quant}", progress=False, verify=False)
+    plain = evaluate.llama_bits_per_byte(str(tmp_path / "q.onnx")) - float_bpb
+    rotated = evaluate.llama_bits_per_byte(str(tmp_path / "rq.onnx")) - float_bpb
+    print({"damage_plain": plain, "damage_rotated": rotated})
+    assert plain > 0.005
+    assert rotated <= 0.7 * plain
+
+
+# --------------------------------------------------------------------------------------------
+# Online mode on Conv 1×1 and Gemm graphs built here
+
+
+def _conv_gemm_model() -> ir.Model:
+    rng = np.random.default_rng(3)
+
+    def const(name, array):
+        return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                        const_value=ir.tensor(array.astype(np.float32), name=name))
+
+    x = ir.Value(name="x", shape=ir.Shape(["N", 16, 4, 4]), type=ir.TensorType(ir.DataType.FLOAT))
+    w1, b1 = const("w1", rng.standard_normal((32, 16, 1, 1))), const("b1", rng.standard_normal(32))
+    w2 = const("w2", rng.standard_normal((24, 32 * 16)) * 0.1)
+    conv = ir.node("Conv", [x, w1, b1], name="conv")
+    relu = ir.node("Relu", conv.outputs, name="relu")
+    flat = ir.node("Flatten", relu.outputs, name="flatten")
+    gemm = ir.node("Gemm", [flat.outputs[0], w2], attributes={"transB": 1}, name="gemm")
+    gemm.outputs[0].name = "y"
+    gemm.outputs[0].type, gemm.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["N", 24])
+    graph = ir.Graph([x], gemm.outputs, nodes=[conv, relu, flat, gemm], initializers=[w1, b1, w2],
+                     opset_imports={"": 21}, name="conv_gemm")
+    return ir.Model(graph, ir_version=10)
+
+
+def test_online_conv_and_gemm_exact(tmp_path):
+    from lowbit.core import io
+
+    src, out = tmp_path / "m.onnx", tmp_path / "r.onnx"
+    io.save(_conv_gemm_model(), src)
+    report = compress(src, out, "rotate(mode=online)", progress=False)
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 16, 4, 4)).astype(np.float32)}
+    assert _rel(_run(src, feed), _run(out, feed)) <= 1e-5
+    assert _notes(report)["rotations"]["online_online"] == 2
+    ops = _ops(out)
+    assert ops["Conv"] == 2 and ops["MatMul"] == 1  # a 1×1 Conv rotates the Conv's input
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, through the CLI: exit 2, one line, nothing written
+
+
+def test_fused_refuses_post_norm_minilm(run_cli, minilm_dir, tmp_path):
+    line = refused(run_cli, minilm_dir, "compress", minilm_dir / "minilm.onnx", "-o", tmp_path / "o.onnx",
+                   "--passes", "rotate", match="no rotatable residual stream")
+    assert "post-norm" in line and "mode=online" in line and "LayerNormalization" in line
+
+
+def test_fused_refuses_a_cnn(run_cli, tiny_path):
+    refused(run_cli, tiny_path.parent, "compress", tiny_path, "-o", tiny_path.parent / "o.onnx", "--passes", "rotate",
+            match="no normalization")
+
+
+def test_dimension_the_kind_cannot_build(run_cli, tmp_path):
+    src = demo.model_path("llama")
+    line = refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "rotate(kind=walsh)",
+                   match="344")
+    assert "of node 'node_linear_" in line and "kind=hadamard" in line and "kind=random" in line
+
+
+def test_non_constant_weight_refused(run_cli, tmp_path):
+    src = demo.model_path("llama")
+    line = refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes",
+                   "rotate(mode=online,targets=[node_matmul])", match="node_matmul")
+    assert "non-constant weight" in line
+
+
+def test_unknown_target_and_bad_group(run_cli, tmp_path):
+    src = demo.model_path("llama")
+    refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes",
+            "rotate(mode=online,targets=[node_linear_99])", match="node_linear_99")
+    refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "rotate(kind=gsr,group=24)",
+            match="group")
