@@ -705,6 +705,7 @@ class _Editor:
         self.before: dict[str, tuple[list[str], np.ndarray, _Linear]] = {}
         self.summary: dict[str, object] = {}
         self.changed = False
+        self._online: dict[int, dict] = {}
 
     def matrix(self, n: int, label: str, where: str) -> np.ndarray:
         try:
@@ -798,8 +799,8 @@ class _Editor:
         for members in groups.values():
             x = members[0].x
             k = members[0].w_kn().shape[0]
-            h = self.matrix(k, f"online:{x.name}", f"the input '{x.name}' of node '{members[0].label}' (width {k})")
-            rotated = self._insert_online(x, h, members)
+            h = self._online_matrix(k, f"the input '{x.name}' of node '{members[0].label}' (width {k})")
+            rotated = self._insert_online(x, k, members)
             for lin in members:
                 self._remember(lin, role)
                 lin.set_w_kn(h.T @ lin.w_kn(), self.names)
@@ -809,21 +810,60 @@ class _Editor:
             self.summary[f"online_{role.replace(' ', '_')}"] = count
             self.changed = True
 
-    def _insert_online(self, x: ir.Value, h: np.ndarray, members: list[_Linear]) -> ir.Value:
+    def _online_matrix(self, k: int, where: str) -> np.ndarray:
+        """One rotation per width, shared by every online site of that width (its constants are
+        stored once): (s, A, B) with H = diag(s)·(A ⊗ B), see ``rotations.factored``."""
+        if k not in self._online:
+            try:
+                group = min(self.opts.group, k) if self.opts.kind == "gsr" else None
+                s, a, b = rotations.factored(self.opts.kind, k, self.ctx.rng(f"rotate:online:{k}"), group=group,
+                                             signs=self.opts.signs)
+            except UserError as exc:
+                raise UserError(f"{where}: {exc}") from None
+            unsigned = b if a is None and b.shape[0] == k else np.kron(np.eye(k // b.shape[0]) if a is None else a, b)
+            self._online[k] = {"s": s, "a": a, "b": b, "h": unsigned if s is None else s[:, None] * unsigned}
+        return self._online[k]["h"]
+
+    def _shared(self, k: int, key: str, array: np.ndarray, dtype) -> ir.Value:
+        cache = self._online[k].setdefault("values", {})
+        if key not in cache:
+            cache[key] = new_const(self.graph, self.names, f"rotation{k}.{key}", np.ascontiguousarray(array).astype(dtype))
+        return cache[key]
+
+    def _insert_online(self, x: ir.Value, k: int, members: list[_Linear]) -> ir.Value:
+        """x·H as standard ops: Mul by the signs, then one MatMul by B (dense or block-diagonal
+        through a Reshape to [-1, k/b, b]) and, for a Kronecker factor A, Transpose·MatMul·Transpose."""
         dtype = members[0].dtype
         base = x.name or members[0].label
+        spec = self._online[k]
+        nodes: list[ir.Node] = []
+
+        def add(op, inputs, **attributes):
+            node = ir.node(op, inputs, attributes=attributes or None, name=self.names.fresh(f"{base}.rotate_{op.lower()}"))
+            node.metadata_props[ROLE_KEY] = ROLE_ROTATION
+            node.outputs[0].name = self.names.fresh(f"{node.name}.out")
+            nodes.append(node)
+            return node.outputs[0]
+
         if members[0].op == "conv":
-            weight = new_const(self.graph, self.names, f"{base}.rotation", np.ascontiguousarray(h.T[:, :, None, None]).astype(dtype))
-            node = ir.node("Conv", [x, weight], name=self.names.fresh(f"{base}.rotate"))
+            out = add("Conv", [x, self._shared(k, "conv", spec["h"].T[:, :, None, None], dtype)])
         else:
-            weight = new_const(self.graph, self.names, f"{base}.rotation", h.astype(dtype))
-            node = ir.node("MatMul", [x, weight], name=self.names.fresh(f"{base}.rotate"))
-        node.metadata_props[ROLE_KEY] = ROLE_ROTATION
-        out = node.outputs[0]
+            cur = x if spec["s"] is None else add("Mul", [x, self._shared(k, "signs", spec["s"], dtype)])
+            b, a = spec["b"], spec["a"]
+            if a is None and b.shape[0] == k:
+                out = add("MatMul", [cur, self._shared(k, "matrix", b, dtype)])
+            else:
+                g = b.shape[0]
+                shape = self._shared(k, "shape", np.array([-1, k // g, g], dtype=np.int64), np.int64)
+                cur = add("MatMul", [add("Reshape", [cur, shape]), self._shared(k, "inner", b, dtype)])
+                if a is not None:
+                    cur = add("Transpose", [cur], perm=[0, 2, 1])
+                    cur = add("Transpose", [add("MatMul", [cur, self._shared(k, "outer", a, dtype)])], perm=[0, 2, 1])
+                out = add("Reshape", [cur, add("Shape", [x])])
         out.name = self.names.fresh(f"{base}.rotated")
         out.type, out.shape = x.type, x.shape
         first = min((m.node for m in members), key=lambda n: self._position(n))
-        self.graph.insert_before(first, node)
+        self.graph.insert_before(first, nodes)
         return out
 
     def _position(self, node: ir.Node) -> int:

@@ -10,7 +10,7 @@ it is given. A row vector x is rotated as x·Q, so the columns of Q are the new 
                 * 1 or 2 (Sylvester, so n a power of two),
                 * q + 1 for a prime power q ≡ 3 (mod 4) (Paley I: 4, 8, 12, 20, 24, 28, 32, 44, …),
                 * 2(q + 1) for a prime power q ≡ 1 (mod 4) (Paley II: 12, 20, 28, 36, 52, …),
-              found by trying every split n = 2^j · core. Orders with none of these forms (odd n,
+              found by trying the splits n = 2^j · core from the largest 2^j down. Orders with none of these forms (odd n,
               n ≡ 2 mod 4, and multiples of 4 such as 92 whose every core misses) are refused
               with the alternatives named: ``random`` (any n) or ``gsr`` with a power-of-two
               ``group`` dividing n (block-diagonal).
@@ -51,6 +51,32 @@ def rotation(kind: str, n: int, rng: np.random.Generator, *, group: int | None =
     if kind not in _BUILDERS:
         raise UserError(f"unknown rotation kind {kind!r}; choose one of {', '.join(KINDS)}")
     return _BUILDERS[kind](n, rng, group=group, signs=signs)
+
+
+def factored(kind: str, n: int, rng: np.random.Generator, *, group: int | None = None,
+             signs: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """The same matrix as ``rotation`` (same ``rng`` state in, same Q out) as (s, A, B) with
+    Q = diag(s)·(A ⊗ B): s the sign flips (None: none), A None for an identity factor.
+
+    hadamard: A = H_core/√c, B = H_{2^j}/√(2^j); gsr: A = I (None), B = one Walsh block; walsh
+    and random: A = None, B = Q. Applying x·Q this way costs n·(a + b) multiplies instead of n².
+    """
+    q = rotation(kind, n, rng, group=group, signs=signs)
+    if kind == "hadamard":
+        core, power = hadamard_split(n)
+        a, b = _core(core) / np.sqrt(core), _sylvester(power) / np.sqrt(power)
+    elif kind == "gsr":
+        g = n if group is None else group
+        a, b = None, sequency_order(_sylvester(g)) / np.sqrt(g)
+    else:
+        return None, None, q
+    if a is not None and a.shape[0] == 1:
+        a = None
+    elif a is not None and b.shape[0] == 1:
+        a, b = None, a
+    unsigned = b if a is None and b.shape[0] == n else (np.kron(np.eye(n // b.shape[0]), b) if a is None else np.kron(a, b))
+    s = np.sign(np.sum(q * unsigned, axis=1)) if signs else None  # q = diag(s)·unsigned exactly
+    return s, a, b
 
 
 def hadamard(n: int, rng: np.random.Generator, *, group: int | None = None, signs: bool = True) -> np.ndarray:
@@ -113,15 +139,16 @@ def hadamard_pm1(n: int) -> np.ndarray:
 
 
 def hadamard_split(n: int) -> tuple[int, int] | None:
-    """(core, 2^j) with core · 2^j = n and a known core construction, or None."""
+    """(core, 2^j) with core · 2^j = n and a known core construction, the largest 2^j first
+    (so powers of two are pure Sylvester matrices), or None."""
     if n < 1:
         return None
-    power = 1
-    while n % power == 0:
+    power = n & -n  # the largest power of two dividing n
+    while power >= 1:
         core = n // power
-        if core in (1, 2) or _paley_field(core) is not None:
+        if core == 1 or _paley_field(core) is not None:
             return core, power
-        power *= 2
+        power //= 2
     return None
 
 

@@ -24,7 +24,7 @@ import pytest
 from helpers import refused
 from lowbit.core.compile import compress
 from lowbit.core.errors import UserError
-from lowbit.models import demo, evaluate, minilm
+from lowbit.models import data, demo, evaluate, minilm
 from lowbit.quant import rotations
 
 TOL = 1e-4
@@ -217,20 +217,25 @@ def test_minilm_online_w4_closer_to_float(tmp_path, minilm_dir, minilm_eval, min
 def test_llama_w4_rtn_damage_shrinks_30_percent(tmp_path):
     """Plain (min/max) RTN, W4 block 32; the head stays float in both runs, as in QuaRot.
 
-    Measured (bits/byte on the 16,384 held-out bytes): float 1.9093, W4 RTN 1.9269, rotated
-    1.9202 (seeds 1, 2: 1.9184, 1.9189) — 38–48% less damage. With the default MSE-clipped RTN
-    the damage is already small (0.006) and rotation does not change it (see benchmarks/rotate.py).
+    The random signs of the Hadamard matter on a model this small, so the damage is averaged over
+    the rotation seeds 0–3. Measured (bits/byte over float 1.9093 on the 16,384 held-out bytes):
+    no rotation +0.0176; rotated +0.0145, +0.0092, +0.0119, +0.0093 (mean +0.0112, 36% less; the
+    worst seed 18% less). With the default MSE-clipped RTN the damage is already small (+0.006)
+    and rotation does not lower it (benchmarks/rotate.py).
     """
     src = demo.model_path("llama")
     quant = "quantize(weights=4,block=32,method=rtn,mse_clip=false,exclude_nodes=node_linear_28)"
     float_bpb = evaluate.llama_bits_per_byte(str(src))
     compress(src, tmp_path / "q.onnx", quant, progress=False, verify=False)
-    compress(src, tmp_path / "rq.onnx", f"rotate(kind=hadamard),{quant}", progress=False, verify=False)
     plain = evaluate.llama_bits_per_byte(str(tmp_path / "q.onnx")) - float_bpb
-    rotated = evaluate.llama_bits_per_byte(str(tmp_path / "rq.onnx")) - float_bpb
+    rotated = []
+    for seed in range(4):
+        compress(src, tmp_path / "rq.onnx", f"rotate(kind=hadamard),{quant}", seed=seed, progress=False, verify=False)
+        rotated.append(evaluate.llama_bits_per_byte(str(tmp_path / "rq.onnx")) - float_bpb)
     print({"damage_plain": plain, "damage_rotated": rotated})
-    assert plain > 0.005
-    assert rotated <= 0.7 * plain
+    assert plain > 0.01
+    assert np.mean(rotated) <= 0.7 * plain
+    assert max(rotated) < plain  # every seed helps
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,3 +311,31 @@ def test_unknown_target_and_bad_group(run_cli, tmp_path):
             "rotate(mode=online,targets=[node_linear_99])", match="node_linear_99")
     refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "rotate(kind=gsr,group=24)",
             match="group")
+
+
+def test_llama_w2_gptq_gsr_ties_hadamard(tmp_path):
+    """W2 block 64 GPTQ (64 of 128 calibration windows): grouped sequency-ordered blocks matched to
+    the quantization block against a full randomized Hadamard, and both against no rotation.
+
+    Measured bits/byte (float 1.9093): none 2.1924; hadamard 2.1654 / 2.1530 / 2.1593 and gsr
+    2.1606 / 2.1676 / 2.1544 over rotation seeds 0 / 1 / 2 (gsr without sign flips 2.1673).
+    On this model GSR ties the Hadamard within seed noise (spread ≈ 0.013) rather than beating
+    it, so the test asserts the tie at seed 0 and that both remove ≥ 5% of W2's damage (9.5–14%).
+    """
+    train, _ = data.text_split()
+    text = np.frombuffer(train, dtype=np.uint8)
+    starts = np.linspace(0, len(text) - 129, 128).astype(np.int64)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, tokens=np.stack([text[s:s + 128] for s in starts]).astype(np.int64))
+    quant = "quantize(weights=2,block=64,method=gptq,samples=64)"
+    scores = {}
+    for kind, rotation in (("none", ""), ("hadamard", "rotate(kind=hadamard,down=false),"),
+                           ("gsr", "rotate(kind=gsr,group=64,down=false),")):
+        out = tmp_path / f"{kind}.onnx"
+        compress(demo.model_path("llama"), out, f"{rotation}{quant}", calib=str(calib), progress=False, verify=False)
+        scores[kind] = evaluate.llama_bits_per_byte(str(out))
+    print(scores)
+    float_bpb = evaluate.llama_bits_per_byte(str(demo.model_path("llama")))
+    assert scores["gsr"] <= scores["hadamard"] + 0.013
+    for kind in ("hadamard", "gsr"):
+        assert scores[kind] - float_bpb <= 0.95 * (scores["none"] - float_bpb)
