@@ -410,20 +410,20 @@ def _match_decomposed(mean2: ir.Node) -> _Norm | None:
     # LayerNorm's centred v = x − mean(x) must feed only the square and the division.
     if kind == "layer" and (any(u not in nodes for u, _ in v.uses()) or v.is_graph_output()):
         return None
-    gamma = beta = None
-    scale = _single_user(y, ("Mul",))
-    if scale is not None:
-        g = const_array(scale.inputs[1] if scale.inputs[0] is y else scale.inputs[0])
-        if g is not None and g.ndim >= 1 and g.size == g.shape[-1]:
-            gamma, y = g.astype(np.float64).ravel(), scale.outputs[0]
-            nodes.append(scale)
-    shift = _single_user(y, ("Add",))
-    if shift is not None:
-        b = const_array(shift.inputs[1] if shift.inputs[0] is y else shift.inputs[0])
-        if b is not None and b.ndim >= 1 and b.size == b.shape[-1]:
-            beta, y = b.astype(np.float64).ravel(), shift.outputs[0]
-            nodes.append(shift)
+    gamma, y = _per_channel(y, "Mul", nodes)
+    beta, y = _per_channel(y, "Add", nodes)
     return _Norm(x, y, gamma, beta, eps, kind, nodes)
+
+
+def _per_channel(y: ir.Value, op: str, nodes: list[ir.Node]) -> tuple[np.ndarray | None, ir.Value]:
+    """(γ or β, the value after it) when y's only user is ``op`` with a per-channel constant."""
+    user = _single_user(y, (op,))
+    if user is not None:
+        c = const_array(user.inputs[1] if user.inputs[0] is y else user.inputs[0])
+        if c is not None and c.ndim >= 1 and c.size == c.shape[-1]:
+            nodes.append(user)
+            return c.astype(np.float64).ravel(), user.outputs[0]
+    return None, y
 
 
 # --------------------------------------------------------------------------------------------
