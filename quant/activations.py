@@ -7,6 +7,12 @@ onnxruntime fuses into the quantized op (the range is taken after the activation
 (→ QLinearConv / QLinearMatMul), and Relu, Clip, pooling, Reshape, Transpose, Concat and friends
 sit between Q/DQ pairs that onnxruntime propagates through or fuses away.
 
+A Max or Min with one constant operand is a clamp like Clip (the ``equalize`` pass writes a Clip
+with per-channel bounds as Max(·, lo) → Min(·, hi)): it is treated as an activation, so the range
+is taken once, after the last clamp, as for a fused Conv+Clip. onnxruntime does not fuse a
+per-channel clamp into QLinearConv: such a Conv runs in float between its DQ inputs and the Q
+after the clamp, with the same numbers.
+
 Left in float by default, and reported, are the tensors that collapse accuracy when quantized
 naively: inputs of Softmax, the internals of LayerNorm/RMSNorm — fused norm ops' inputs and the
 decomposed ReduceMean/Pow/Sqrt/Div/Reciprocal chains up to the scale (γ) multiplication — and the
@@ -44,6 +50,18 @@ def _is_const(value: ir.Value | None) -> bool:
         return True
     producer = value.producer()
     return producer is not None and producer.op_type == "Constant"
+
+
+def _is_clamp(node: ir.Node) -> bool:
+    """Relu, Clip, or Max/Min of one tensor and one constant (a clamp with per-channel bounds)."""
+    if node.op_type in _ACTIVATIONS:
+        return True
+    return (node.op_type in ("Max", "Min") and len(node.inputs) == 2
+            and sum(_is_const(v) for v in node.inputs) == 1)
+
+
+def _quantizable(node: ir.Node) -> bool:
+    return node.op_type in QUANTIZED_OPS or _is_clamp(node)
 
 
 def sensitive_values(graph: ir.Graph) -> dict[str, str]:
@@ -133,13 +151,16 @@ def activation_targets(graph: ir.Graph, *, keep_float: dict[str, str] | None = N
         if value.dtype not in _FLOATS or value.name in keep_float:
             return
         producer = value.producer()
-        if producer is not None and (producer.op_type not in QUANTIZED_OPS or producer.name in skip_nodes):
+        if producer is not None and (not _quantizable(producer) or producer.name in skip_nodes):
             return
         users = [user for user, _ in value.uses()]
-        if not users or any(u.op_type not in QUANTIZED_OPS or u.name in skip_nodes for u in users):
+        if not users or any(not _quantizable(u) or u.name in skip_nodes for u in users):
             return
-        if producer is not None and producer.op_type in _FUSES_ACTIVATION and all(u.op_type in _ACTIVATIONS for u in users):
+        if producer is not None and producer.op_type in _FUSES_ACTIVATION and all(_is_clamp(u) for u in users):
             return  # quantized after the Relu/Clip instead, as one fused QLinear op
+        if producer is not None and producer.op_type in ("Max", "Min") and _is_clamp(producer) \
+                and all(u.op_type in ("Max", "Min") and _is_clamp(u) for u in users):
+            return  # inside a clamp split into Max → Min: quantized after the last one
         targets.append(value)
 
     for value in graph.inputs:
