@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.core.calib import Calibration, input_specs
+
 
 def tiny_cnn(seed: int = 0) -> ir.Model:
     """input[N,3,8,8] → Conv(3→4, 3×3, pad 1) → BatchNormalization → Relu → out."""
@@ -51,3 +53,14 @@ def refused(run_cli, folder: Path, *argv, match: str) -> str:
     assert match in lines[0], lines[0]
     assert _digest(folder) == before, "a refused command wrote or changed files"
     return lines[0]
+
+
+def array_calibration(model: ir.Model, data: dict[str, np.ndarray], batch: int = 16) -> Calibration:
+    """In-memory calibration data for ``model``: ``data`` served in batches of ``batch`` rows."""
+    n = len(next(iter(data.values())))
+
+    def make():
+        for start in range(0, n, batch):
+            yield {k: v[start:start + batch] for k, v in data.items()}
+
+    return Calibration("test data", make, input_specs(model), num_samples=n)

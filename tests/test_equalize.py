@@ -29,12 +29,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from helpers import refused
+from helpers import array_calibration, refused
 from onnx_ir.passes.common import ShapeInferencePass
 
 from lowbit.analysis.outliers import channel_range_spread
 from lowbit.core import io
-from lowbit.core.calib import Calibration, input_specs
+from lowbit.core.calib import input_specs
 from lowbit.core.compile import compress
 from lowbit.core.context import Context
 from lowbit.models import imagenet_eval, synthetic
@@ -96,16 +96,6 @@ def _unbalanced(rng, n: int, decades: float) -> np.ndarray:
     return 10.0 ** rng.permutation(np.linspace(-decades, decades, n))
 
 
-def _calibration(model: ir.Model, data: dict[str, np.ndarray], batch: int = 16) -> Calibration:
-    n = len(next(iter(data.values())))
-
-    def make():
-        for start in range(0, n, batch):
-            yield {k: v[start:start + batch] for k, v in data.items()}
-
-    return Calibration("test data", make, input_specs(model), num_samples=n)
-
-
 def _inputs(model: ir.Model, n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     spec = input_specs(model)[0]
@@ -133,7 +123,7 @@ def _equalize(model: ir.Model, options: str = "", *, calib: bool = True, seed: i
     return the pass's notes."""
     ctx = Context(progress=False)
     if calib:
-        ctx.calib = _calibration(model, _inputs(model, 64, seed))
+        ctx.calib = array_calibration(model, _inputs(model, 64, seed))
     run_passes(model, parse_pipeline(f"equalize({options})" if options else "equalize"), ctx)
     return ctx.report.passes[-1].notes
 
@@ -362,7 +352,7 @@ def test_nothing_to_equalize_leaves_model_unchanged():
     model = _breakers()
     before = ir.serde.serialize_model(model).SerializeToString()
     ctx = Context(progress=False)
-    ctx.calib = _calibration(model, _inputs(model, 16, seed=1))
+    ctx.calib = array_calibration(model, _inputs(model, 16, seed=1))
     run_passes(model, parse_pipeline("equalize"), ctx)
     record = ctx.report.passes[-1]
     assert record.changed is False and record.error["rel"] == 0.0
@@ -393,7 +383,7 @@ def test_per_channel_clamps_quantized_like_clip():
     def quantized(equalize: bool):
         model = mobilenet_chain()
         ctx = Context(progress=False, verify=False)
-        ctx.calib = _calibration(model, _inputs(model, 64, seed=7))
+        ctx.calib = array_calibration(model, _inputs(model, 64, seed=7))
         # minmax ranges: entropy calibration clips this random graph's activations so hard that
         # both variants sit at 4.6 dB, whatever the weights
         passes = ("equalize," if equalize else "") + "quantize(weights=8,granularity=tensor,activations=8,calibration=minmax)"

@@ -19,8 +19,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from helpers import array_calibration
 from lowbit.core import io
-from lowbit.core.calib import Calibration, input_specs
+from lowbit.core.calib import input_specs
 from lowbit.core.context import Context
 from lowbit.passes.manager import run_passes
 from lowbit.passes.pipeline import parse_pipeline
@@ -199,21 +200,11 @@ def _sqnr(ref: dict, out: dict) -> float:
     return float("inf") if err == 0 else 10 * np.log10(sig / err)
 
 
-def _calibration(model: ir.Model, data: dict[str, np.ndarray], batch: int = 16) -> Calibration:
-    n = len(next(iter(data.values())))
-
-    def make():
-        for start in range(0, n, batch):
-            yield {k: v[start:start + batch] for k, v in data.items()}
-
-    return Calibration("test data", make, input_specs(model), num_samples=n)
-
-
 def quantize(model: ir.Model, options: str, calib: dict | None = None, *, verify: bool = False) -> Context:
     """Run ``quantize(options)`` on ``model`` in place; return the context (its report)."""
     ctx = Context(progress=False, verify=verify)
     if calib is not None:
-        ctx.calib = _calibration(model, calib)
+        ctx.calib = array_calibration(model, calib)
     run_passes(model, parse_pipeline(f"quantize({options})"), ctx)
     return ctx
 
@@ -621,7 +612,7 @@ def _image_calib(n: int, label: str) -> dict[str, np.ndarray]:
 
 def test_ort_fuses_w8a8_conv_into_qlinearconv(tmp_path):
     model = _resnet()
-    ctx = Context(progress=False, calib=_calibration(model, _image_calib(64, "calib")))
+    ctx = Context(progress=False, calib=array_calibration(model, _image_calib(64, "calib")))
     run_passes(model, parse_pipeline("fold-bn,quantize(weights=8,granularity=channel,activations=8)"), ctx)
     for conv in _nodes(model, "Conv"):
         dq = conv.inputs[1].producer()
@@ -769,7 +760,7 @@ def test_w8a8_resnet_block_output_error_small():
     30.8); floor 25 dB."""
     model = _resnet()
     feed = _image_calib(32, "held-out")
-    ctx = Context(progress=False, calib=_calibration(model, _image_calib(128, "calib")))
+    ctx = Context(progress=False, calib=array_calibration(model, _image_calib(128, "calib")))
     run_passes(model, parse_pipeline("fold-bn"), ctx)
     folded = _run(model, feed)
     run_passes(model, parse_pipeline("quantize(weights=8,granularity=channel,activations=8)"), ctx)
