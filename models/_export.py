@@ -140,24 +140,28 @@ def finish_model(model: ir.Model, path: pathlib.Path, metadata: dict[str, str]) 
     io.save(model, pathlib.Path(path), external_data=False)
 
 
-def export_torch(module, example, input_name: str, dynamic_axes: dict[int, tuple[str, int]],
-                 path: pathlib.Path, metadata: dict[str, str], *, tidy: bool = True) -> ir.Model:
+def export_torch(module, example, input_name: str | tuple[str, ...], dynamic_axes: dict[int, tuple[str, int]],
+                 path: pathlib.Path, metadata: dict[str, str], *, tidy: bool = True,
+                 output_name: str = "logits") -> ir.Model:
     """Export ``module`` with the dynamo exporter, BatchNormalization kept, and save it.
 
-    ``dynamic_axes`` maps an input axis to (name, maximum size). The exporter's own optimizer
-    is off (it would fold every BatchNormalization into its Conv); ``clean_exported`` tidies the
-    raw graph instead, unless ``tidy`` is false.
+    ``example`` is one tensor, or a tuple of tensors when ``input_name`` is a tuple of names;
+    ``dynamic_axes`` maps an axis of every input to (name, maximum size). The exporter's own
+    optimizer is off (it would fold every BatchNormalization into its Conv); ``clean_exported``
+    tidies the raw graph instead, unless ``tidy`` is false.
     """
     import torch
 
+    names = (input_name,) if isinstance(input_name, str) else tuple(input_name)
+    examples = (example,) if isinstance(input_name, str) else tuple(example)
     dims = {axis: torch.export.Dim(name, min=1, max=size) for axis, (name, size) in dynamic_axes.items()}
     with torch.no_grad():
         program = torch.onnx.export(
             module,
-            (example,),
-            input_names=[input_name],
-            output_names=["logits"],
-            dynamic_shapes=(dims,),
+            examples,
+            input_names=list(names),
+            output_names=[output_name],
+            dynamic_shapes=tuple(dims for _ in names),
             opset_version=21,
             dynamo=True,
             optimize=False,

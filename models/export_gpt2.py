@@ -106,28 +106,13 @@ def export(path: str | pathlib.Path, model=None):
     attn.c_attn.weight``, ``lm_head.weight``, ...) become the initializer names.
     """
     model = build() if model is None else model
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=1, max=N_POSITIONS)
     example = torch.zeros(2, 8, dtype=torch.int64)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=["input_ids"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}},
-            opset_version=21,
-            dynamo=True,
-            optimize=False,
-            external_data=False,
-        )
-    onnx_model = _export.clean_exported(program.model)
     metadata = {
         "lowbit.model": "gpt2-tiny-random",
         "lowbit.postprocess": "none (next-token logits over the 512-token vocabulary)",
     }
-    _export.finish_model(onnx_model, pathlib.Path(path), metadata)
-    return onnx_model
+    axes = {0: ("batch", 1024), 1: ("seq", N_POSITIONS)}
+    return _export.export_torch(model, example, "input_ids", axes, pathlib.Path(path), metadata)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -174,29 +174,15 @@ def embeddings(model: MiniLM, input_ids: np.ndarray, attention_mask: np.ndarray,
 def export(path: str | pathlib.Path, *, model: MiniLM | None = None):
     """Export the encoder to ``path``; return the onnx_ir model (see module doc)."""
     model = build() if model is None else model
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=1, max=MAX_POSITIONS)
     example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            example,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["last_hidden_state"],
-            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-            opset_version=21,
-            dynamo=True,
-            optimize=False,
-            external_data=False,
-        )
-    onnx_model = _export.clean_exported(program.model)
     metadata = {
         "lowbit.model": "all-MiniLM-L6-v2",
         "lowbit.metric": "mean_cosine",
         "lowbit.postprocess": "mean pooling over attention_mask, then L2 normalisation",
     }
-    _export.finish_model(onnx_model, pathlib.Path(path), metadata)
-    return onnx_model
+    axes = {0: ("batch", 1024), 1: ("seq", MAX_POSITIONS)}
+    return _export.export_torch(model, example, ("input_ids", "attention_mask"), axes, pathlib.Path(path), metadata,
+                                output_name="last_hidden_state")
 
 
 def main(argv: list[str] | None = None) -> None:
