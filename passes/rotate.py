@@ -157,6 +157,12 @@ class _Linear:
     def x(self) -> ir.Value:
         return self.node.inputs[0]
 
+    @property
+    def shape_kn(self) -> tuple[int, int]:
+        """(K, N) of the weight, without converting it."""
+        k, n = _weight(self.node.inputs[1]).shape[:2]
+        return (n, k) if self.op == "conv" or (self.op == "gemm" and _attr(self.node, "transB", 0)) else (k, n)
+
     def w_kn(self) -> np.ndarray:
         w = _weight(self.node.inputs[1]).astype(np.float64)
         if self.op == "conv":
@@ -189,7 +195,7 @@ class _Linear:
             if add.op_type == "Add" and add.domain in _ONNX and len(add.inputs) == 2:
                 other = add.inputs[1 - uses[0][1]]
                 c = const_array(other)
-                if c is not None and c.ndim >= 1 and c.shape[-1] == self.w_kn().shape[1] and c.size == c.shape[-1]:
+                if c is not None and c.ndim >= 1 and c.shape[-1] == self.shape_kn[1] and c.size == c.shape[-1]:
                     return add, 1 - uses[0][1]
         return None
 
@@ -201,7 +207,7 @@ class _Linear:
         if self.op == "gemm":
             b = b * _attr(self.node, "beta", 1.0, float)
             if b.size == 1:
-                b = np.full(self.w_kn().shape[1], float(b.ravel()[0]))
+                b = np.full(self.shape_kn[1], float(b.ravel()[0]))
         return b.reshape(-1)
 
     def output(self) -> ir.Value:
@@ -526,13 +532,14 @@ def _find_stream(graph: ir.Graph, shapes: dict[str, ir.Value]) -> _Stream:
             )
         raise _NoStream(f"the stream value '{v.name}' is produced by {p.op_type} node '{p.name}', which is neither a residual Add nor a linear layer or embedding")
     # Every stream value may be read only by the stream itself, norms, and Shape.
+    bias_adds = {id(site[0]) for site in (lin.bias_site() for lin in writers.values()) if site is not None}
     for v in stream_values.values():
         if v.is_graph_output():
             raise _NoStream(f"the stream value '{v.name}' is a graph output")
         for user, _ in v.uses():
             if id(user) in stream_nodes or id(user) in norm_nodes or user.op_type in _PASS_THROUGH:
                 continue
-            if any(lin.bias_site() is not None and lin.bias_site()[0] is user for lin in writers.values()):
+            if id(user) in bias_adds:
                 continue
             raise _NoStream(f"the stream value '{v.name}' is also read by {user.op_type} node '{user.name}'")
     stream_norms = [n for n in norms if id(n.x) in stream_values]
@@ -540,8 +547,8 @@ def _find_stream(graph: ir.Graph, shapes: dict[str, ir.Value]) -> _Stream:
     kinds = {n.kind for n in stream_norms}
     if len(kinds) > 1:
         raise _NoStream("the stream has both LayerNorms and RMS norms")
-    widths = {lin.w_kn().shape[1] for lin in writers.values()} | {const_array(t.inputs[i]).shape[1] for t, i in tables}
-    widths |= {lin.w_kn().shape[0] for _, lin in readers}
+    widths = {lin.shape_kn[1] for lin in writers.values()} | {const_array(t.inputs[i]).shape[1] for t, i in tables}
+    widths |= {lin.shape_kn[0] for _, lin in readers}
     if len(widths) != 1:
         raise _NoStream(f"the stream's layers disagree on its width ({sorted(widths)})")
     return _Stream(stream_norms, readers, list(writers.values()), tables, constants, widths.pop())
@@ -674,7 +681,7 @@ def _trace_head(mm: ir.Node, shapes) -> _Head | None:
         lin = _linear(proj)
     if lin is None:
         return None
-    total = lin.w_kn().shape[1]
+    total = lin.shape_kn[1]
     # Forward from the attention output through Transpose/Reshape to the o_proj.
     value = mm.outputs[0]
     while True:
@@ -687,7 +694,7 @@ def _trace_head(mm: ir.Node, shapes) -> _Head | None:
     o = _linear(value.uses()[0][0]) if value.uses()[0][1] == 0 else None
     if o is None:
         return None
-    rows = o.w_kn().shape[0]
+    rows = o.shape_kn[0]
     if rows % width or offset + rows > total:
         return None
     return _Head(lin, offset, o, rows // width, width)
@@ -798,7 +805,7 @@ class _Editor:
         count = 0
         for members in groups.values():
             x = members[0].x
-            k = members[0].w_kn().shape[0]
+            k = members[0].shape_kn[0]
             h = self._online_matrix(k, f"the input '{x.name}' of node '{members[0].label}' (width {k})")
             rotated = self._insert_online(x, k, members)
             for lin in members:
@@ -862,15 +869,10 @@ class _Editor:
                 out = add("Reshape", [cur, add("Shape", [x])])
         out.name = self.names.fresh(f"{base}.rotated")
         out.type, out.shape = x.type, x.shape
-        first = min((m.node for m in members), key=lambda n: self._position(n))
+        order = {id(n): i for i, n in enumerate(self.graph)}
+        first = min((m.node for m in members), key=lambda n: order[id(n)])
         self.graph.insert_before(first, nodes)
         return out
-
-    def _position(self, node: ir.Node) -> int:
-        for i, n in enumerate(self.graph):
-            if n is node:
-                return i
-        return 0
 
     # attention heads --------------------------------------------------------------------------
     def heads(self, heads: list[_Head]) -> None:
