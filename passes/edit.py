@@ -82,3 +82,10 @@ def drop_if_dead(graph: ir.Graph, value: ir.Value) -> None:
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
         graph.remove(producer, safe=True)
+
+
+def bias_name(weight: ir.Value, fallback: str) -> str:
+    """Name for a bias created next to ``weight``: ``x.weight`` → ``x.bias``, else ``<weight>.bias``
+    (``fallback`` when the weight has no name)."""
+    name = weight.name or fallback
+    return name[: -len("weight")] + "bias" if name.endswith("weight") else name + ".bias"

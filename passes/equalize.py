@@ -119,7 +119,7 @@ import onnx_ir as ir
 from lowbit.analysis.outliers import before_after, channel_range_spread
 from lowbit.core.errors import UserError
 from lowbit.passes.base import Pass, option
-from lowbit.passes.edit import Names, const_array, drop_if_dead, new_const, set_const
+from lowbit.passes.edit import Names, bias_name, const_array, drop_if_dead, new_const, set_const
 
 #: layer ops the pass can equalize
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -415,16 +415,11 @@ class _Layer:
                 set_const(graph, self.bias_add, self.bias_index, self.bias.astype(dtype), names, f"{old.name}.equalized")
             else:
                 has = len(node.inputs) > 2 and node.inputs[2] is not None
-                base = f"{node.inputs[2].name}.equalized" if has else _bias_name(node.inputs[1])
+                base = f"{node.inputs[2].name}.equalized" if has else bias_name(node.inputs[1], "equalize")
                 set_const(graph, node, 2, self.bias.astype(dtype), names, base)
                 if self.kind == "gemm":
                     node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         return self.w_dirty or self.b_dirty
-
-
-def _bias_name(weight: ir.Value) -> str:
-    name = weight.name or "equalize"
-    return name[: -len("weight")] + "bias" if name.endswith("weight") else name + ".bias"
 
 
 def _conv_layer(node: ir.Node) -> _Layer:

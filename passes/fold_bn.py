@@ -56,7 +56,7 @@ import onnx_ir as ir
 from lowbit.passes.base import Pass, option
 from lowbit.passes.edit import Names as _Names
 from lowbit.passes.edit import drop_if_dead as _drop_if_dead
-from lowbit.passes.edit import new_const, set_const as _set_const
+from lowbit.passes.edit import bias_name, new_const, set_const as _set_const
 
 
 @dataclasses.dataclass
@@ -176,14 +176,7 @@ class _BN:
 
 
 # --------------------------------------------------------------------------------------------
-# Names and graph edits
-
-
-def _bias_name(weight: ir.Value) -> str:
-    name = weight.name or "bnfold"
-    if name.endswith("weight"):
-        return name[: -len("weight")] + "bias"
-    return name + ".bias"
+# Graph edits
 
 
 def _remove_bn(graph: ir.Graph, bn: _BN, replacement: ir.Value) -> None:
@@ -292,7 +285,7 @@ def _commit(graph, bn: _BN, node: ir.Node, weight: np.ndarray, bias: np.ndarray,
     """Write the folded weight (input 1) and bias (input 2) of ``node`` and drop the BN."""
     w_value = node.inputs[1]
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    bias_base = f"{node.inputs[2].name}.bnfold" if has_bias else _bias_name(w_value)
+    bias_base = f"{node.inputs[2].name}.bnfold" if has_bias else bias_name(w_value, "bnfold")
     _set_const(graph, node, 1, weight, names, f"{w_value.name}.bnfold")
     _set_const(graph, node, 2, bias, names, bias_base)
     _remove_bn(graph, bn, node.outputs[0])
@@ -331,7 +324,7 @@ def _fold_matmul(graph: ir.Graph, bn: _BN, node: ir.Node, names: _Names) -> None
             return
     _set_const(graph, node, 1, w, names, f"{node.inputs[1].name}.bnfold")
     shift = bn.shift.astype(w0.dtype)
-    bias = new_const(graph, names, _bias_name(node.inputs[1]), shift)
+    bias = new_const(graph, names, bias_name(node.inputs[1], "bnfold"), shift)
     add = ir.node("Add", [node.outputs[0], bias], name=names.fresh(f"{bn.node.name or 'bn'}.add"))
     out = add.outputs[0]
     out.name = names.fresh(f"{bn.y.name}.folded")
