@@ -1,0 +1,128 @@
+"""Calibration statistics for decomposition: input second moments and refit pairs, streamed.
+
+Output error of a layer y = x·W changed by ΔW, over inputs x: E‖x·ΔW‖² = tr(ΔWᵀ Σ ΔW) with
+Σ = E[x xᵀ] (uncentred: a bias does not change ΔW's effect). For a Conv, x is the im2col patch
+(input channel major, then kernel offsets: c·∏k + offset — the order of ``K.reshape(N, -1)``)
+at an output position, and Σ is estimated from a seeded random subset of at most ``ROWS``
+positions per calibration batch, enough for the D×D moment (D = C·∏k) without materialising
+every patch. Strides, dilations and zero padding (explicit or SAME) are honoured.
+
+The refit needs, on the same calibration inputs, the decomposed model's input to the last factor
+(Z) and the original model's output of the layer (Y). ``paired`` runs two truncated copies —
+the current model cut at Z and the original cut at Y, each keeping only the nodes those values
+need — in lockstep over the calibration batches, yielding row-aligned (Z, Y) matrices with
+channels last (positions subsampled the same way for both).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.decomp.layers import Layer
+from lowbit.runtime.session import session
+
+#: at most this many rows (positions) per calibration batch enter a moment
+ROWS = 4096
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def conv_geometry(node: ir.Node, in_spatial: tuple[int, ...], kernel: tuple[int, ...]):
+    """(strides, dilations, begin pads, end pads) of a Conv, with auto_pad resolved."""
+    nd = len(kernel)
+    strides = list(_attr(node, "strides", None) or [1] * nd)
+    dilations = list(_attr(node, "dilations", None) or [1] * nd)
+    auto = _attr(node, "auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, s, k, d in zip(in_spatial, strides, kernel, dilations):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+    elif auto == "VALID":
+        begin, end = [0] * nd, [0] * nd
+    else:
+        pads = list(_attr(node, "pads", None) or [0] * (2 * nd))
+        begin, end = pads[:nd], pads[nd:]
+    return strides, dilations, begin, end
+
+
+def layer_rows(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows of the layer's reduction input [S, D] from its input tensor ``x`` (one batch)."""
+    if not layer.is_conv:
+        rows = x.reshape(-1, layer.in_features)
+        return _subsample(rows, rng)
+    kernel = layer.kernel
+    strides, dilations, begin, end = conv_geometry(layer.node, x.shape[2:], kernel)
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
+    out = [(p - (k - 1) * d - 1) // s + 1 for p, k, d, s in zip(padded.shape[2:], kernel, dilations, strides)]
+    count = x.shape[0] * math.prod(out)
+    pick = np.sort(rng.choice(count, ROWS, replace=False)) if count > ROWS else np.arange(count)
+    index = np.unravel_index(pick, (x.shape[0], *out))
+    batch, spots = index[0], index[1:]
+    columns = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        where = tuple(o * s + j * d for o, s, j, d in zip(spots, strides, offset, dilations))
+        columns.append(padded[(batch[:, None], np.arange(x.shape[1])[None, :], *(w[:, None] for w in where))])
+    # columns: ∏k entries of [S, C] → [S, C, ∏k] → [S, C·∏k] (channel major, as K.reshape(N, -1))
+    return np.stack(columns, axis=2).reshape(len(pick), -1)
+
+
+def _subsample(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if rows.shape[0] <= ROWS:
+        return rows
+    return rows[np.sort(rng.choice(rows.shape[0], ROWS, replace=False))]
+
+
+def channels_last(a: np.ndarray, conv: bool) -> np.ndarray:
+    """[B, C, …] → [B·…, C] for Conv activations; [..., C] → [-1, C] otherwise."""
+    if conv:
+        a = np.moveaxis(a, 1, -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
+    """A copy of ``model`` whose outputs are ``outputs``, keeping only the nodes they need."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    copy = model.clone()
+    values = ir.convenience.create_value_mapping(copy.graph)
+    copy.graph.outputs.clear()
+    for name in outputs:
+        copy.graph.outputs.append(values[name])
+    RemoveUnusedNodesPass()(copy)
+    return copy
+
+
+def paired(current: ir.Model, z_name: str, original: ir.Model, y_name: str, calib, *, conv: bool,
+           max_samples: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Row-aligned (Z [S, R], Y [S, N]) from the two models over the calibration batches."""
+    sess_z = session(truncated(current, [z_name]), optimization="basic")
+    sess_y = session(truncated(original, [y_name]), optimization="basic")
+    inputs_z = {i.name for i in sess_z.get_inputs()}
+    inputs_y = {i.name for i in sess_y.get_inputs()}
+    seen = 0
+    for feed in calib:
+        if seen >= max_samples:
+            break
+        count = min((v.shape[0] for v in feed.values() if v.ndim), default=1)
+        if seen + count > max_samples:
+            feed = {k: v[: max_samples - seen] if v.ndim else v for k, v in feed.items()}
+            count = max_samples - seen
+        seen += count
+        (z,) = sess_z.run([z_name], {k: v for k, v in feed.items() if k in inputs_z})
+        (y,) = sess_y.run([y_name], {k: v for k, v in feed.items() if k in inputs_y})
+        z, y = channels_last(z, conv), channels_last(y, conv)
+        if z.shape[0] > ROWS:
+            pick = np.sort(rng.choice(z.shape[0], ROWS, replace=False))
+            z, y = z[pick], y[pick]
+        yield z, y
