@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from lowbit.decomp import finite_float64
+
 
 @dataclass(eq=False)
 class LowRank:
@@ -110,10 +112,4 @@ def _sqrt_cov(cov, K: int, damp: float) -> np.ndarray:
 
 
 def _check_weight(W) -> np.ndarray:
-    W = np.asarray(W)
-    if W.ndim != 2 or W.size == 0:
-        raise ValueError(f"a low-rank factorisation needs a non-empty 2-D weight; got shape {W.shape}")
-    W = np.asarray(W, dtype=np.float64)
-    if not np.isfinite(W).all():
-        raise ValueError("the weight contains NaN or Inf values")
-    return W
+    return finite_float64(W, 2, "a low-rank factorisation needs a non-empty 2-D weight", "the weight")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from lowbit.decomp import finite_float64
 from lowbit.decomp.svd import fix_signs
 from lowbit.decomp.vbmf import evbmf
 
@@ -132,13 +133,7 @@ def _core_error(projected: np.ndarray, u_in: np.ndarray, norm2: float) -> float:
 
 
 def _check_kernel(K) -> np.ndarray:
-    K = np.asarray(K)
-    if K.ndim != 4 or K.size == 0:
-        raise ValueError(f"a Tucker-2 decomposition needs a non-empty conv kernel [N, C, kh, kw]; got shape {K.shape}")
-    K = np.asarray(K, dtype=np.float64)
-    if not np.isfinite(K).all():
-        raise ValueError("the conv kernel contains NaN or Inf values")
-    return K
+    return finite_float64(K, 4, "a Tucker-2 decomposition needs a non-empty conv kernel [N, C, kh, kw]", "the conv kernel")
 
 
 def _check_ranks(ranks, shape) -> tuple[int, int]:

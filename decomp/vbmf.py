@@ -39,6 +39,8 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from lowbit.decomp import finite_float64
+
 #: points of the log-spaced σ² grid that picks the basin before the Brent refinement
 _GRID = 64
 
@@ -55,12 +57,7 @@ class VBMFResult:
 
 def evbmf(Y: np.ndarray, sigma2: float | None = None) -> VBMFResult:
     """EVBMF of the matrix Y (either orientation); σ² estimated when ``sigma2`` is None."""
-    Y = np.asarray(Y)
-    if Y.ndim != 2 or Y.size == 0:
-        raise ValueError(f"evbmf needs a non-empty 2-D matrix; got shape {Y.shape}")
-    Y = np.asarray(Y, dtype=np.float64)
-    if not np.isfinite(Y).all():
-        raise ValueError("evbmf got a matrix with NaN or Inf values")
+    Y = finite_float64(Y, 2, "evbmf needs a non-empty 2-D matrix", "the matrix given to evbmf")
     if sigma2 is not None and not (np.isfinite(sigma2) and sigma2 > 0):
         raise ValueError(f"sigma2 must be a positive noise variance; got {sigma2!r}")
     L, M = sorted(Y.shape)
