@@ -34,6 +34,15 @@ Builders (all inputs float32, batch dimension symbolic ``batch``):
         y = LayerNorm(h + GELU(h·W1 + b1)·W2 + b2),  GELU(u) = u·(1 + erf(u/√2))/2
 
     Matrices are stored [in, out] for ``MatMul``; LayerNorm has random γ, β and ε = 1e-12.
+
+``vgg_stack(channels=(64, 128, 128, 256, 256), size=56, seed=0)``
+    input ``input`` [batch, channels[0], size, size] → output ``output``
+    [batch, channels[-1], size, size], a plain VGG stage (no pooling, no BN)::
+
+        h_0 = x,  h_i = Relu(Conv_i(h_{i−1}) + b_i)        3x3, pad 1, channels[i−1] → channels[i]
+
+    Nodes ``conv{i}`` (weights ``conv{i}.weight``, ``conv{i}.bias``) and ``relu{i}``, i = 1…;
+    the default is 3.47 G multiply-accumulates per image, the size of VGG-16's 56×56 stage.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["OPSET", "IR_VERSION", "mobilenet_block", "resnet_block", "transformer_encoder_block"]
+__all__ = ["OPSET", "IR_VERSION", "mobilenet_block", "resnet_block", "transformer_encoder_block", "vgg_stack"]
 
 OPSET = 21
 IR_VERSION = 10
@@ -234,3 +243,19 @@ def transformer_encoder_block(
     y = b.linear(g, "mlp.fc2", mlp, d)
     y = b.layernorm(b.op("Add", [h, y], "mlp.residual"), "mlp.norm", d)
     return b.model("transformer_encoder_block", x, y, ["batch", seq, d])
+
+
+def vgg_stack(
+    channels: Sequence[int] = (64, 128, 128, 256, 256), size: int = 56, seed: int = 0
+) -> ir.Model:
+    """3×3 Conv + Relu layers from ``channels[0]`` through each later width; see the module docstring."""
+    channels = tuple(channels)
+    if len(channels) < 2:
+        raise ValueError(f"vgg_stack: channels needs at least two widths (input and one conv), got {channels}.")
+    _check_positive("vgg_stack", size=size, **{f"channels[{i}]": c for i, c in enumerate(channels)})
+    b = _Builder(seed)
+    x = ir.val("input", _FLOAT, ["batch", channels[0], size, size])
+    h = x
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:]), start=1):
+        h = b.op("Relu", [b.conv(h, f"conv{i}", cin, cout, 3, bias=True)], f"relu{i}")
+    return b.model("vgg_stack", x, h, ["batch", channels[-1], size, size])
