@@ -23,24 +23,20 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.decomp.layers import Layer
+from lowbit.decomp.layers import Layer, attribute
+from lowbit.quant.capture import limit_samples
 from lowbit.runtime.session import session
 
 #: at most this many rows (positions) per calibration batch enter a moment
 ROWS = 4096
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def conv_geometry(node: ir.Node, in_spatial: tuple[int, ...], kernel: tuple[int, ...]):
     """(strides, dilations, begin pads, end pads) of a Conv, with auto_pad resolved."""
     nd = len(kernel)
-    strides = list(_attr(node, "strides", None) or [1] * nd)
-    dilations = list(_attr(node, "dilations", None) or [1] * nd)
-    auto = _attr(node, "auto_pad", "NOTSET")
+    strides = list(attribute(node, "strides", None) or [1] * nd)
+    dilations = list(attribute(node, "dilations", None) or [1] * nd)
+    auto = attribute(node, "auto_pad", "NOTSET")
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         begin, end = [], []
         for size, s, k, d in zip(in_spatial, strides, kernel, dilations):
@@ -51,7 +47,7 @@ def conv_geometry(node: ir.Node, in_spatial: tuple[int, ...], kernel: tuple[int,
     elif auto == "VALID":
         begin, end = [0] * nd, [0] * nd
     else:
-        pads = list(_attr(node, "pads", None) or [0] * (2 * nd))
+        pads = list(attribute(node, "pads", None) or [0] * (2 * nd))
         begin, end = pads[:nd], pads[nd:]
     return strides, dilations, begin, end
 
@@ -110,15 +106,7 @@ def paired(current: ir.Model, z_name: str, original: ir.Model, y_name: str, cali
     sess_y = session(truncated(original, [y_name]), optimization="basic")
     inputs_z = {i.name for i in sess_z.get_inputs()}
     inputs_y = {i.name for i in sess_y.get_inputs()}
-    seen = 0
-    for feed in calib:
-        if seen >= max_samples:
-            break
-        count = min((v.shape[0] for v in feed.values() if v.ndim), default=1)
-        if seen + count > max_samples:
-            feed = {k: v[: max_samples - seen] if v.ndim else v for k, v in feed.items()}
-            count = max_samples - seen
-        seen += count
+    for feed in limit_samples(calib, max_samples):
         (z,) = sess_z.run([z_name], {k: v for k, v in feed.items() if k in inputs_z})
         (y,) = sess_y.run([y_name], {k: v for k, v in feed.items() if k in inputs_y})
         z, y = channels_last(z, conv), channels_last(y, conv)

@@ -34,12 +34,8 @@ def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
     return copy
 
 
-def capture(model: ir.Model, names: list[str], calib, *, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{name: array}`` per calibration batch, for at most ``max_samples`` samples."""
-    names = list(dict.fromkeys(names))
-    if not names:
-        return
-    sess = session(_with_outputs(model, names), optimization="basic")
+def limit_samples(calib, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The calibration feeds, the last one cut so that at most ``max_samples`` samples pass."""
     seen = 0
     for feed in calib:
         if max_samples is not None and seen >= max_samples:
@@ -50,5 +46,15 @@ def capture(model: ir.Model, names: list[str], calib, *, max_samples: int | None
             feed = {k: v[:keep] if v.ndim else v for k, v in feed.items()}
             count = keep
         seen += count
+        yield feed
+
+
+def capture(model: ir.Model, names: list[str], calib, *, max_samples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: array}`` per calibration batch, for at most ``max_samples`` samples."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    sess = session(_with_outputs(model, names), optimization="basic")
+    for feed in limit_samples(calib, max_samples):
         outputs = sess.run(names, feed)
         yield dict(zip(names, outputs))
