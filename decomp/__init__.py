@@ -13,12 +13,12 @@
 The ``tucker`` and ``lowrank`` passes map graph weights onto these and back.
 """
 
+import numpy as np
 
-def finite_float64(array, ndim: int, need: str, what: str) -> "np.ndarray":
+
+def finite_float64(array, ndim: int, need: str, what: str) -> np.ndarray:
     """``array`` as float64, or ValueError: ``need`` (with its shape) unless it is a non-empty
     ``ndim``-D array, "``what`` contains NaN or Inf values" unless every entry is finite."""
-    import numpy as np
-
     array = np.asarray(array)
     if array.ndim != ndim or array.size == 0:
         raise ValueError(f"{need}; got shape {array.shape}")

@@ -122,7 +122,8 @@ class Layer:
 # Reading
 
 
-def _attr(node: ir.Node, name: str, default):
+def attribute(node: ir.Node, name: str, default):
+    """The value of a node's attribute, or ``default`` when it is absent."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 
@@ -160,7 +161,7 @@ def _read_conv(node: ir.Node, shapes) -> Layer:
     if len(node.inputs) < 2:
         raise Skip("it has no weight")
     w = _float_weight(node.inputs[1], "weight")
-    groups = int(_attr(node, "group", 1))
+    groups = int(attribute(node, "group", 1))
     if groups != 1:
         kind = "depthwise" if groups == w.shape[0] and w.shape[1] == 1 else "grouped"
         raise Skip(f"{kind} convolution (group={groups}); only group=1 is decomposed")
@@ -173,13 +174,13 @@ def _read_conv(node: ir.Node, shapes) -> Layer:
 
 
 def _read_gemm(node: ir.Node, shapes) -> Layer:
-    if int(_attr(node, "transA", 0)):
+    if int(attribute(node, "transA", 0)):
         raise Skip("Gemm with transA=1 is not decomposed")
     b = _float_weight(node.inputs[1], "weight (B)")
     if b.ndim != 2:
         raise Skip(f"its weight has rank {b.ndim}")
-    w = b.astype(np.float64) * float(_attr(node, "alpha", 1.0))
-    if int(_attr(node, "transB", 0)):
+    w = b.astype(np.float64) * float(attribute(node, "alpha", 1.0))
+    if int(attribute(node, "transB", 0)):
         w = w.T
     layer = Layer(node, "Gemm", w, b.dtype, in_positions=_positions(node.inputs[0], shapes, 0) // w.shape[0],
                   out_positions=_positions(node.outputs[0], shapes, 0) // w.shape[1])
@@ -187,7 +188,7 @@ def _read_gemm(node: ir.Node, shapes) -> Layer:
         c = _float_weight(node.inputs[2], "bias (C)")
         if c.size not in (1, w.shape[1]) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
             raise Skip(f"its C of shape {list(c.shape)} is not a bias vector")
-        beta = float(_attr(node, "beta", 1.0))
+        beta = float(attribute(node, "beta", 1.0))
         layer.bias = np.broadcast_to(beta * c.astype(np.float64).reshape(-1), (w.shape[1],)).copy()
     return layer
 

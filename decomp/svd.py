@@ -107,8 +107,13 @@ def _sqrt_cov(cov, K: int, damp: float) -> np.ndarray:
     try:
         return scipy.linalg.cholesky(S, lower=False, check_finite=False)
     except np.linalg.LinAlgError:
-        mu, Q = scipy.linalg.eigh(S, check_finite=False)
-        return (Q * np.sqrt(np.maximum(mu, 0.0))) @ Q.T
+        return psd_sqrt(S)
+
+
+def psd_sqrt(S: np.ndarray) -> np.ndarray:
+    """The symmetric square root Q diag(√μ) Qᵀ of S = Q diag(μ) Qᵀ (negative round-off μ → 0)."""
+    mu, Q = scipy.linalg.eigh(S, check_finite=False)
+    return (Q * np.sqrt(np.maximum(mu, 0.0))) @ Q.T
 
 
 def _check_weight(W) -> np.ndarray:

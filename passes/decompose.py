@@ -38,10 +38,10 @@ import onnx_ir as ir
 from lowbit.core.errors import UserError
 from lowbit.decomp import budget as budget_mod
 from lowbit.decomp import data
-from lowbit.decomp.layers import Layer, Skip, normalize_gemm_bias, read_layer, write_first, write_last, write_lowrank, write_tucker
+from lowbit.decomp.layers import Layer, Skip, read_layer, write_first, write_last, write_lowrank, write_tucker
 from lowbit.decomp.lstsq import RidgeAccumulator
 from lowbit.decomp.ranks import parse_rank, round_rank
-from lowbit.decomp.svd import LowRank, energy_curve, low_rank
+from lowbit.decomp.svd import LowRank, energy_curve, low_rank, psd_sqrt
 from lowbit.decomp.tucker import Tucker2, partial_tucker, unfold
 from lowbit.decomp.vbmf import evbmf
 from lowbit.passes.base import Pass, option
@@ -127,8 +127,10 @@ class _Plan:
     layer: Layer
     ranks: tuple[int, ...]
     row: dict
-    #: the last factor's input (set when the layer is rewritten) and its weight in x·W layout
+    #: the last factor's input (set when the layer is rewritten), the SVD's first factor and the
+    #: last factor's weight in x·W layout
     middle: ir.Value | None = None
+    first: np.ndarray | None = None
     last: np.ndarray | None = None
 
 
@@ -141,7 +143,7 @@ class Decompose(Pass):
         raise NotImplementedError
 
     def run(self, model: ir.Model, ctx) -> bool:
-        from lowbit.analysis.stats import infer_shapes, model_stats
+        from lowbit.analysis.stats import _static, infer_shapes, model_stats
 
         o = self.options
         self._svds: dict[int, LowRank] = {}
@@ -155,7 +157,7 @@ class Decompose(Pass):
         if not layers:
             ctx.note("skipped", [f"{name}: {why}" for name, why in skipped.items()])
             ctx.note("decomposed", 0)
-            ctx.note("reason", f"nothing to decompose: no eligible layer; the model is unchanged")
+            ctx.note("reason", "nothing to decompose: no eligible layer; the model is unchanged")
             return False
         before = model_stats(model)
         moments = self._moments(model, layers, ctx) if ctx.calib is not None else {}
@@ -307,7 +309,7 @@ class Decompose(Pass):
         energy = self._svd(layer, cov).energy if policy.kind == "energy" else None
         vbmf = None
         if policy.kind == "vbmf":
-            vbmf = max(evbmf(layer.matrix() if cov is None else _psd_sqrt(cov) @ layer.matrix()).rank, 1)
+            vbmf = max(evbmf(layer.matrix() if cov is None else psd_sqrt(cov) @ layer.matrix()).rank, 1)
         return (round_rank(policy.choose(full, energy=energy, vbmf=vbmf), o.round, full),)
 
     def _curve(self, layer: Layer, cov) -> list[budget_mod.Candidate]:
@@ -353,7 +355,7 @@ class Decompose(Pass):
             full = self._svd(layer, cov)
             first, second = full.first[:, :r], full.second[:r]
             plan.middle = write_lowrank(graph, layer, first, second, names)
-            plan.last = second
+            plan.first, plan.last = first, second
             w = layer.matrix()
             plan.row["weight_error"] = round(float(np.linalg.norm(w - first @ second) / max(np.linalg.norm(w), 1e-300)), 6)
             plan.row["data_aware"] = cov is not None
@@ -384,8 +386,7 @@ class Decompose(Pass):
             last, bias = acc.solve(damp)
             return None, last, bias, last
 
-        current = self._svd_factors(plan) if joint else (None, plan.last)
-        before = held.residual(current[0] @ current[1] if joint else plan.last, layer.bias)
+        before = held.residual(plan.first @ plan.last if joint else plan.last, layer.bias)
         damps = sorted({self.options.damp, *_DAMPS})
         damp = damps[int(np.argmin([held.residual(*fit.solve(d)) for d in damps]))]  # by the unconstrained fit
         after = _held_error(held, solve(fit, damp))
@@ -408,17 +409,6 @@ class Decompose(Pass):
             self._svds[id(layer)] = low_rank(layer.matrix(), layer.full_ranks()[0], cov=cov)
         return self._svds[id(layer)]
 
-    def _svd_factors(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
-        full = self._svds[id(plan.layer)]
-        r = plan.ranks[0]
-        return full.first[:, :r], full.second[:r]
-
-
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Σ^½ of a symmetric positive semi-definite matrix (negative round-off eigenvalues → 0)."""
-    values, vectors = np.linalg.eigh(sigma)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
 
 def _channel_moment(layer: Layer, cov: np.ndarray) -> np.ndarray:
     """Σ_c: the input channels' second moment, Σ's diagonal blocks averaged over kernel offsets."""
@@ -433,7 +423,7 @@ def _tucker(layer: Layer, ranks: tuple[int, int], cov: np.ndarray | None, iters:
     if cov is None:
         return partial_tucker(layer.w, ranks, iters=iters)
     channels = _channel_moment(layer, cov)
-    a = _psd_sqrt(channels + 1e-3 * max(float(np.mean(np.diag(channels))), 1e-30) * np.eye(len(channels)))
+    a = psd_sqrt(channels + 1e-3 * max(float(np.mean(np.diag(channels))), 1e-30) * np.eye(len(channels)))
     t = partial_tucker(np.einsum("nc...,cd->nd...", layer.w, a), ranks, iters=iters)
     return Tucker2(t.core, t.u_out, np.linalg.solve(a, t.u_in), t.rel_error, t.iterations)
 
@@ -446,8 +436,8 @@ def _weighted_unfoldings(layer: Layer, cov: np.ndarray | None) -> tuple[np.ndarr
     if cov is None:
         return unfold(layer.w, 0), unfold(layer.w, 1)
     channels = _channel_moment(layer, cov)
-    mode0 = layer.w.reshape(layer.out_features, -1) @ _psd_sqrt(cov)
-    mode1 = unfold(np.einsum("nc...,dc->nd...", layer.w, _psd_sqrt(channels)), 1)
+    mode0 = layer.w.reshape(layer.out_features, -1) @ psd_sqrt(cov)
+    mode1 = unfold(np.einsum("nc...,dc->nd...", layer.w, psd_sqrt(channels)), 1)
     return mode0, mode1
 
 
@@ -481,12 +471,6 @@ def _as_ranks(value, layer: Layer, pass_name: str) -> tuple[int, ...]:
         shape = "an integer or [R_out, R_in]" if want == 2 else "an integer"
         raise UserError(f"option 'ranks' of pass {pass_name}: node '{layer.name}' needs {shape}, not {value!r}")
     return tuple(values)
-
-
-def _static(shape) -> tuple[int, ...] | None:
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
 
 
 def _latency(model: ir.Model, ctx) -> float:
