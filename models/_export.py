@@ -164,6 +164,7 @@ def export_torch(module, example, input_name: str | tuple[str, ...], dynamic_axe
             dynamic_shapes=tuple(dims for _ in names),
             opset_version=21,
             dynamo=True,
+            verbose=False,  # the exporter's progress lines would land in callers' stdout (JSON)
             optimize=False,
             external_data=False,
         )
