@@ -1,9 +1,10 @@
-"""Shared fixtures: a tiny Conv-BN-Relu model, real models exported once per session, a CLI runner."""
+"""Shared fixtures: a tiny Conv-BN-Relu model, real models exported or copied once per session, a CLI runner."""
 
 from __future__ import annotations
 
 import contextlib
 import io as _io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,17 @@ def gpt2_path(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("gpt2") / "gpt2.onnx"
     export_gpt2.export(path, model=export_gpt2.build())
+    return path
+
+
+@pytest.fixture(scope="session")
+def yolo_path(tmp_path_factory) -> Path:
+    """nudenet's YOLOv8n (``320n.onnx``), copied to a temporary folder once per session so no
+    test can write next to, or modify, the installed file."""
+    from lowbit.models import yolo
+
+    path = tmp_path_factory.mktemp("yolo") / "yolov8n.onnx"
+    shutil.copyfile(yolo.model_path(), path)
     return path
 
 
