@@ -6,7 +6,9 @@ target, the move with the smallest error increase per MAC saved is taken. Restri
 to the lower convex hull of its (MACs, error) points makes those moves the hull's successive
 edges, whose slopes increase, so a heap of the next edge per layer gives the greedy order in
 O(n log n) — the discrete counterpart of a Lagrangian split (every layer ends at the hull point
-where the common price λ = Δerror/ΔMACs is reached). The last move may overshoot the target.
+where the common price λ = Δerror/ΔMACs is reached). When the last move overshoots the target,
+that layer takes instead the least-error candidate of its own (on the hull or not) that still
+reaches it.
 """
 
 from __future__ import annotations
@@ -61,11 +63,23 @@ def allocate(layers: list[list[Candidate]], total_macs: int, target_macs: int) -
     heap = [(_slope(h[0], h[1]), i) for i, h in enumerate(hulls) if len(h) > 1]
     heapq.heapify(heap)
     total = total_macs
+    last = None
     while total > target_macs and heap:
         _, i = heapq.heappop(heap)
         hull, j = hulls[i], position[i]
+        last = (i, total)
         total -= hull[j].macs - hull[j + 1].macs
         position[i] = j + 1
         if j + 2 < len(hull):
             heapq.heappush(heap, (_slope(hull[j + 1], hull[j + 2]), i))
-    return [hull[p] for hull, p in zip(hulls, position)], total
+    picks = [hull[p] for hull, p in zip(hulls, position)]
+    if last is not None and total < target_macs:
+        # the last move overshot: any of that layer's candidates (hull or not) between its
+        # previous point and the hull's next one that still reaches the target, at least error
+        i, before = last
+        start = hulls[i][position[i] - 1]
+        enough = [c for c in layers[i] if before - (start.macs - c.macs) <= target_macs and c.macs >= picks[i].macs]
+        best = min(enough, key=lambda c: (c.error, -c.macs))
+        total += best.macs - picks[i].macs
+        picks[i] = best
+    return picks, total

@@ -85,6 +85,18 @@ class Layer:
         """The weight as a [K, N] matrix in x·W layout (1×1 Conv and linear layers only)."""
         return self.w.reshape(self.w.shape[0], self.w.shape[1]).T if self.is_conv else self.w
 
+    def dense(self, approx: np.ndarray) -> np.ndarray:
+        """An approximation of ``w`` (same layout: a kernel for Conv, [K, N] otherwise) in the
+        node's own weight layout and element type: Gemm's B undoes α and transB."""
+        if self.is_conv:
+            out = approx.reshape(self.w.shape)
+        elif self.op == "Gemm":
+            out = approx / float(attribute(self.node, "alpha", 1.0))
+            out = out.T if int(attribute(self.node, "transB", 0)) else out
+        else:
+            out = approx
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
     def macs(self) -> int:
         return self.out_positions * self.out_features * self.in_features * math.prod(self.kernel)
 
