@@ -77,6 +77,7 @@ def _fmt_err(error):
 
 def summary_table(report: dict) -> str:
     from lowbit.analysis.report_format import format_table
+    from lowbit.analysis.stats import macs_text
 
     info = report["info"]
     b, a = info["before"], info["after"]
@@ -90,14 +91,21 @@ def summary_table(report: dict) -> str:
         [
             ["file size", human_bytes(b["file_bytes"]), human_bytes(a["file_bytes"]), _ratio(b["file_bytes"], a["file_bytes"])],
             ["parameters", human_count(b["params"]), human_count(a["params"]), _ratio(b["params"], a["params"])],
-            ["MACs", human_count(b["macs"]), human_count(a["macs"]), _ratio(b["macs"], a["macs"])],
+            ["MACs", macs_text(b), macs_text(a), _ratio(b["macs"], a["macs"])],
             ["nodes", str(b["nodes"]), str(a["nodes"]), _ratio(b["nodes"], a["nodes"])],
         ],
         ["", "before", "after", "ratio"],
     )
     total = report["passes"][-1]["total_error"] if report["passes"] else None
     rel, sqnr = _fmt_err(total)
-    lines = [passes, "", sizes, "", f"output error vs input model: rel {rel}, SQNR {sqnr}"]
+    lines = [passes, "", sizes]
+    at = ", ".join(f"{name} [{','.join(str(d) for d in shape)}]" for name, shape in b.get("input_shapes", {}).items())
+    if at:
+        assumed = b.get("assumed_dims") or {}
+        guess = (f"; sizes assumed: {', '.join(f'{k}={v}' for k, v in assumed.items())} (pin them with --input-shape)"
+                 if assumed else "")
+        lines.append(f"MACs at {at}{guess}")
+    lines += ["", f"output error vs input model: rel {rel}, SQNR {sqnr}"]
     for w in report["warnings"] + [w for p in report["passes"] for w in p["warnings"]]:
         lines.append(f"warning: {w}")
     lines.append(f"wrote {info['output']}")
@@ -112,7 +120,8 @@ def cmd_compress(args) -> int:
     passes = _load_pipeline(args)
     report = compress(args.model, args.output, passes, calib=args.calib, seed=args.seed, verify=not args.no_verify,
                       external_data=True if args.external_data else None, report_path=args.report,
-                      progress=not args.json and sys.stderr.isatty(), batch_size=args.batch_size)
+                      progress=not args.json and sys.stderr.isatty(), batch_size=args.batch_size,
+                      input_shapes=args.input_shape)
     _out(args, summary_table(report), report)
     return 0
 
@@ -123,10 +132,15 @@ def cmd_compress(args) -> int:
 def cmd_inspect(args) -> int:
     from lowbit.analysis.stats import format_stats, model_stats
     from lowbit.core import io
+    from lowbit.core.calib import apply_input_shapes
 
     model = io.load(args.model)
+    pinned = apply_input_shapes(model, args.input_shape)
     stats = model_stats(model, batch=args.batch, path=args.model)
-    _out(args, format_stats(stats), jsonable(stats.to_dict()))
+    data = jsonable(stats.to_dict())
+    if pinned:
+        data["pinned_input_shapes"] = pinned
+    _out(args, format_stats(stats), data)
     return 0
 
 
@@ -136,22 +150,67 @@ def cmd_inspect(args) -> int:
 def cmd_compare(args) -> int:
     from lowbit.analysis.compare import compare_models, format_compare
     from lowbit.core import io
-    from lowbit.core.calib import input_specs, open_calibration, random_feed
+    from lowbit.core.calib import apply_input_shapes, input_specs, merge_specs, open_calibration, random_feed
     from lowbit.core.context import Context
 
     a, b = io.load(args.a), io.load(args.b)
+    pinned = apply_input_shapes(a, args.input_shape)
+    apply_input_shapes(b, args.input_shape)
     specs_a, specs_b = input_specs(a), input_specs(b)
     if [(s.name, s.dtype) for s in specs_a] != [(s.name, s.dtype) for s in specs_b]:
         raise UserError(f"{args.b}: its inputs differ from {args.a}'s, so outputs cannot be compared")
+    specs = merge_specs(specs_a, specs_b, str(args.a), str(args.b))  # data both models accept
     if args.calib:
-        calib = open_calibration(args.calib, a, batch_size=args.batch_size, seed=args.seed)
+        calib = open_calibration(args.calib, a, batch_size=args.batch_size, seed=args.seed, specs=specs)
         feeds = list(_take(calib, args.max_batches))
     else:
-        feeds = [random_feed(specs_a, args.batch_size, Context(seed=args.seed).rng("compare"))]
-    result = compare_models(a, b, feeds, latency=not args.no_latency, threads=args.threads)
+        feeds = [random_feed(specs, args.batch_size, Context(seed=args.seed).rng("compare"))]
+    try:
+        result = compare_models(a, b, feeds, latency=not args.no_latency, threads=args.threads)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types
+        _explain_run_failure(args, (a, b), specs, feeds, guessed=not args.calib or args.calib.startswith("random:"))
+        raise exc
     result = {"a": str(args.a), "b": str(args.b), **result}
+    if pinned:
+        result["input_shapes"] = pinned
     _out(args, format_compare(result), jsonable(result))
     return 0
+
+
+def _explain_run_failure(args, models, specs, feeds, *, guessed: bool) -> None:
+    """After a failed comparison: if model A or B fails to run on a feed by itself, raise the
+    UserError that says so (naming the input shapes, and --input-shape when they were guessed)."""
+    from lowbit.core.calib import describe_feed
+    from lowbit.runtime.session import session
+
+    loose = [s for s in specs if any(not isinstance(d, int) for d in s.shape)]
+    for label, path, model in (("A", args.a, models[0]), ("B", args.b, models[1])):
+        try:
+            sess = session(model, optimization="disable")
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path}: model {label} does not load in onnxruntime ({_reason(exc)})") from None
+        names = [o.name for o in sess.get_outputs()]
+        for feed in feeds:
+            try:
+                sess.run(names, feed)
+            except Exception as exc:  # noqa: BLE001
+                shapes = describe_feed(specs, feed, guessed=guessed)
+                if guessed and loose:
+                    pins = " ".join(f"--input-shape {s.name}=" + ",".join(
+                        str(d) if isinstance(d, int) else f"<{d or f'dim {i}'}>" for i, d in enumerate(s.shape))
+                        for s in loose)
+                    raise UserError(f"{path}: model {label} fails to run on random inputs of guessed size {shapes}; "
+                                    f"give the sizes it accepts with {pins} ({_reason(exc)})") from None
+                source = f"--calib {args.calib}" if args.calib else "random inputs"
+                raise UserError(f"{path}: model {label} fails to run on {source}, {shapes} ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    from lowbit.passes.manager import ort_reason
+
+    return ort_reason(exc)
 
 
 def _take(iterable, n):
@@ -260,8 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    shape_help = ("pin a model input's shape, e.g. images=1,3,320,320 (repeatable; ? keeps a dimension as the "
+                  "model has it): its symbolic dims get these values when the model is loaded. Without it, "
+                  "symbolic sizes are guessed: a batch of 1 to 16, 224 for an image's height and width, 16 "
+                  "for other dims")
+    parser.add_argument("--input-shape", action="append", dest="global_input_shape", metavar="NAME=D0,D1,…",
+                        help=shape_help + " (for compress, inspect and compare)")
+    shapes = _Parser(add_help=False)
+    shapes.add_argument("--input-shape", action="append", dest="input_shape", default=[], metavar="NAME=D0,D1,…",
+                        help=shape_help)
 
-    p = sub.add_parser("compress", parents=[common], help="run a pipeline of passes on a model",
+    p = sub.add_parser("compress", parents=[common, shapes], help="run a pipeline of passes on a model",
                        description="Load MODEL, run the passes with verification after each, write OUTPUT atomically.")
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (not the input; its folder must exist)")
@@ -275,13 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 2 GB)")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("inspect", parents=[common], help="opsets, op histogram, parameters, MACs, quantization status",
+    p = sub.add_parser("inspect", parents=[common, shapes], help="opsets, op histogram, parameters, MACs, quantization status",
                        description="Describe MODEL: opset/IR, ops, parameters and bytes by dtype, MACs, largest layers.")
     p.add_argument("model", help=".onnx file")
     p.add_argument("--batch", type=int, default=1, help="batch size assumed for symbolic batch dimensions (default 1)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compare", parents=[common], help="output error and latency of two models",
+    p = sub.add_parser("compare", parents=[common, shapes], help="output error and latency of two models",
                        description="Run A and B on the same inputs: output error (max abs, relative, SQNR, cosine, "
                                    "top-1 agreement) and onnxruntime latency measured in the same run.")
     p.add_argument("a", help="reference .onnx")
@@ -336,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if args.global_input_shape:
+            if not hasattr(args, "input_shape"):
+                raise UserError(f"--input-shape applies to compress, inspect and compare, not {args.command}")
+            args.input_shape = args.global_input_shape + args.input_shape
         return args.func(args)
     except UserError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

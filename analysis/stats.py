@@ -5,17 +5,23 @@ Everything here reads an ``onnx_ir`` model and never changes it: shape inference
 Shapes (``infer_shapes``)
     Symbolic dimensions of the graph inputs are fixed first: a symbol that is the first axis of
     any input (or an unnamed first axis) is the *batch* and becomes ``batch`` (default 1); every
-    other symbolic or unnamed dimension becomes ``dim`` (default 16, e.g. a sequence length). A
-    symbol keeps one value everywhere it appears. Intermediate shapes are then recomputed by ONNX
+    other symbolic or unnamed dimension becomes ``dim`` when it is given, else — as in
+    ``core.calib`` — 224 for an image's height and width (a float input of rank 4 whose spatial
+    dims are symbolic) and 16 for anything else (e.g. a sequence length). A symbol keeps one value
+    everywhere it appears. These sizes are guesses: ``model.meta["lowbit.assumed_dims"]`` of the
+    result lists them (symbol → size) and ``["lowbit.input_shapes"]`` the input shapes used, so
+    reports can say so; pin real sizes on the model first (``core.calib.apply_input_shapes``,
+    ``--input-shape``). Intermediate shapes are then recomputed by ONNX
     shape inference (``onnx_ir``'s ``ShapeInferencePass``, non-strict, with data propagation);
     the exporter's annotations are dropped first so stale ones cannot survive a rewrite. Values
     ONNX cannot infer (contrib / lowbit ops, data-dependent shapes) are asked of onnxruntime: the
     clone, with those values exposed as graph outputs, is opened without graph optimisation;
     the shapes onnxruntime infers while loading are used when all are static, otherwise the model
     runs once on seeded random inputs (``core.calib.random_feed``) and the shapes are read off the
-    results. If even that fails (e.g. an op with no kernel), the exporter's annotation is kept
-    with its symbols replaced. ``model.meta["lowbit.shape_source"]`` of the result says which
-    sources were used.
+    results. If even that fails (e.g. an op with no kernel, or input sizes the model cannot run
+    at), the exporter's annotation is kept with its symbols replaced, and onnxruntime's reason
+    goes to ``model.meta["lowbit.shape_error"]``. ``model.meta["lowbit.shape_source"]`` of the
+    result says which sources were used.
 
 Multiply-accumulates (``node_macs``), with ``prod`` the product of a shape's entries
     Conv / ConvInteger / QLinearConv / FusedConv / lowbit ``Conv*``:
@@ -31,6 +37,9 @@ Multiply-accumulates (``node_macs``), with ``prod`` the product of a shape's ent
     Einsum with ≥ 2 operands: MACs = prod(Y.shape) · prod(sizes of the summed-out letters)
         (exact for two operands; a lower bound for a contraction of three or more).
     Every other op: 0 (elementwise work, pooling and normalisation are not counted).
+    A counted op whose shapes stay unknown counts nothing, so the total is then a lower bound:
+    ``ModelStats.macs_complete`` is False, ``unknown_macs`` names those nodes, and ``format_stats``
+    prints the total as "≥ … MACs (INCOMPLETE …)".
 
 Parameters and bytes (``model_stats``)
     ``params`` counts *every* element of every initializer and ``Constant`` tensor, in all graphs
@@ -85,8 +94,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 1
+#: size of a symbolic sequence-like dimension (images get ``core.calib.DEFAULT_IMAGE``)
 DEFAULT_DIM = 16
 _SHAPE_SOURCE = "lowbit.shape_source"
+_SHAPE_ERROR = "lowbit.shape_error"
+_ASSUMED = "lowbit.assumed_dims"
+_INPUT_SHAPES = "lowbit.input_shapes"
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
@@ -105,31 +118,49 @@ def _static(shape) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def _resolve_dims(graph: ir.Graph, batch: int, dim: int) -> dict[str, int]:
-    """Symbol name → value for the graph inputs' symbolic dims (batch symbols first)."""
-    values: dict[str, int] = {}
+def _input_specs(graph: ir.Graph) -> list:
+    """``core.calib.InputSpec`` of every tensor graph input that is not an initializer."""
+    from lowbit.core.calib import InputSpec
+
+    specs = []
     for value in graph.inputs:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], ir.SymbolicDim):
-            if value.shape[0].value is not None:
-                values[value.shape[0].value] = batch
-    for value in graph.inputs:
-        for d in value.shape or ():
-            if isinstance(d, ir.SymbolicDim) and d.value is not None:
-                values.setdefault(d.value, dim)
-    return values
+        if value.name in graph.initializers or value.shape is None:
+            continue
+        try:
+            dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+        except (TypeError, ValueError, AttributeError):
+            dtype = np.dtype(np.float32)
+        shape = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+                      for d in value.shape)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
 
 
-def _substitute(shape: ir.Shape, symbols: Mapping[str, int], batch: int, dim: int,
-                unnamed: bool) -> ir.Shape | None:
-    """``shape`` with symbols replaced; unnamed dims → batch (axis 0) / dim when ``unnamed``."""
+def _resolve_inputs(graph: ir.Graph, batch: int,
+                    dim: int | None) -> tuple[dict[str, int], dict[str, tuple], dict[str, int]]:
+    """(symbol → value, input name → concrete shape, guessed dim label → value) for the graph
+    inputs, sized as the module docstring says."""
+    from lowbit.core.calib import concrete_shape, symbol_sizes
+
+    specs = _input_specs(graph)
+    symbols = symbol_sizes(specs, batch, seq=dim, image=dim)
+    shapes, assumed = {}, {}
+    for spec in specs:
+        shapes[spec.name] = concrete_shape(spec, symbols, batch, seq=dim, image=dim)
+        for axis, d in enumerate(spec.shape):
+            if not isinstance(d, int):
+                assumed[d or f"{spec.name}[{axis}]"] = shapes[spec.name][axis]
+    return symbols, shapes, assumed
+
+
+def _substitute(shape: ir.Shape, symbols: Mapping[str, int]) -> ir.Shape | None:
+    """``shape`` with symbols replaced, or None when a dimension is still unknown."""
     dims = []
-    for i, d in enumerate(shape):
+    for d in shape:
         if isinstance(d, int):
             dims.append(d)
         elif isinstance(d, ir.SymbolicDim) and d.value in symbols:
             dims.append(symbols[d.value])
-        elif unnamed:
-            dims.append(batch if i == 0 else dim)
         else:
             return None
     return ir.Shape(dims)
@@ -144,11 +175,12 @@ def _missing_values(graph: ir.Graph) -> list[ir.Value]:
     return missing
 
 
-def infer_shapes(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFAULT_DIM,
+def infer_shapes(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int | None = None,
                  use_onnxruntime: bool = True, seed: int = 0) -> ir.Model:
     """A clone of ``model`` with static shapes on its values (see the module docstring).
 
-    ``batch`` replaces the batch dimension of the inputs, ``dim`` every other symbolic one.
+    ``batch`` replaces the batch dimension of the inputs, ``dim`` every other symbolic one (None:
+    224 for an image's height and width, 16 for the rest).
     ``use_onnxruntime=False`` skips the onnxruntime fallback. Tensors are shared with ``model``
     (``ir.Model.clone``), so the result must be treated as read-only where tensors are concerned.
     """
@@ -156,16 +188,15 @@ def infer_shapes(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFA
 
     from lowbit.core.errors import UserError
 
-    if batch < 1 or dim < 1:
+    if batch < 1 or (dim is not None and dim < 1):
         raise UserError(f"the batch size and default dimension must be positive integers, not {batch} and {dim}")
     clone = model.clone()
     graph = clone.graph
-    symbols = _resolve_dims(graph, batch, dim)
+    symbols, input_shapes, assumed = _resolve_inputs(graph, batch, dim)
     original: dict[str, ir.Shape] = {}
     for value in graph.inputs:
-        if value.name in graph.initializers or value.shape is None:
-            continue
-        value.shape = _substitute(value.shape, symbols, batch, dim, unnamed=True)
+        if value.name in input_shapes:
+            value.shape = ir.Shape(input_shapes[value.name])
     # Drop intermediate and output annotations so ONNX recomputes them from the fixed inputs.
     for node in graph:
         for value in node.outputs:
@@ -176,15 +207,17 @@ def infer_shapes(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFA
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
     missing = _missing_values(graph)
     sources.append("onnx")
+    error = None
     if missing and use_onnxruntime:
-        if _shapes_from_onnxruntime(clone, missing, batch, dim, seed):
+        found, error = _shapes_from_onnxruntime(clone, missing, batch, seed)
+        if found:
             sources.append("onnxruntime")
         missing = _missing_values(graph)
     if missing:
         kept = 0
         for value in missing:
             if value.name in original:
-                shape = _substitute(original[value.name], symbols, batch, dim, unnamed=False)
+                shape = _substitute(original[value.name], symbols)
                 if shape is not None:
                     value.shape = shape
                     kept += 1
@@ -194,11 +227,17 @@ def infer_shapes(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFA
         if still:
             logger.info("shapes unknown for %d values, e.g. %s", len(still), still[:3])
     clone.meta[_SHAPE_SOURCE] = "+".join(sources)
+    clone.meta[_ASSUMED] = assumed
+    clone.meta[_INPUT_SHAPES] = {name: list(shape) for name, shape in input_shapes.items()}
+    if error is not None and _missing_values(graph):
+        clone.meta[_SHAPE_ERROR] = error
     return clone
 
 
-def _shapes_from_onnxruntime(model: ir.Model, missing: list[ir.Value], batch: int, dim: int, seed: int) -> bool:
-    """Fill the shapes of ``missing`` (values of ``model``) from onnxruntime; True if any were set."""
+def _shapes_from_onnxruntime(model: ir.Model, missing: list[ir.Value], batch: int,
+                             seed: int) -> tuple[bool, str | None]:
+    """Fill the shapes of ``missing`` (values of ``model``, whose inputs are static) from
+    onnxruntime; (True if any were set, onnxruntime's reason when it failed)."""
     from lowbit.core.calib import input_specs, random_feed
     from lowbit.runtime.session import session
 
@@ -215,15 +254,18 @@ def _shapes_from_onnxruntime(model: ir.Model, missing: list[ir.Value], batch: in
         shapes = {name: _static(meta.get(name)) for name in wanted}
         if any(s is None for s in shapes.values()):
             specs = input_specs(model)
-            feed = random_feed(specs, batch, np.random.default_rng(seed), seq=dim)
+            feed = random_feed(specs, batch, np.random.default_rng(seed))
             results = sess.run(wanted, feed)
             shapes = {name: tuple(np.shape(r)) for name, r in zip(wanted, results)}
             dtypes = {name: np.asarray(r).dtype for name, r in zip(wanted, results)}
         else:
             dtypes = {}
     except Exception as exc:  # noqa: BLE001 - any failure leaves the shapes unknown
-        logger.info("onnxruntime could not provide shapes: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        return False
+        from lowbit.passes.manager import ort_reason
+
+        reason = ort_reason(exc)
+        logger.info("onnxruntime could not provide shapes: %s", reason)
+        return False, reason
     targets = {v.name: v for v in missing}
     changed = False
     for name, shape in shapes.items():
@@ -235,7 +277,7 @@ def _shapes_from_onnxruntime(model: ir.Model, missing: list[ir.Value], batch: in
                 except TypeError:
                     pass
             changed = True
-    return changed
+    return changed, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,6 +757,14 @@ class ModelStats:
     shape_source: str
     path: str | None = None
     file_bytes: int | None = None
+    #: False when some counted nodes' shapes are unknown: ``macs`` is then only a lower bound
+    macs_complete: bool = True
+    #: input name → the shape the shapes and MACs were computed at
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    #: symbolic input dimensions whose size was guessed (symbol, or ``input[axis]``, → size)
+    assumed_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: why onnxruntime could not supply missing shapes (e.g. the model fails at the guessed sizes)
+    shape_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(dataclasses.asdict(self))
@@ -745,10 +795,11 @@ def packed_tensor_bytes(model: ir.Model) -> int:
     return sum(packed_nbytes(t) for t in _all_constants(model))
 
 
-def model_stats(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFAULT_DIM,
+def model_stats(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int | None = None,
                 path: str | os.PathLike | None = None, top: int = 10,
                 use_onnxruntime: bool = True) -> ModelStats:
-    """Statistics of ``model`` at the given ``batch`` (``dim`` for other symbolic dims).
+    """Statistics of ``model`` at the given ``batch`` (``dim`` for other symbolic dims; None:
+    the defaults of ``infer_shapes``).
 
     ``path``: the file the model came from, for its size on disk. ``top``: rows in the
     largest-layer lists. The model is not modified.
@@ -813,6 +864,10 @@ def model_stats(model: ir.Model, *, batch: int = DEFAULT_BATCH, dim: int = DEFAU
         shape_source=str(shaped.meta.get(_SHAPE_SOURCE, "onnx")),
         path=str(path) if path is not None else None,
         file_bytes=file_bytes,
+        macs_complete=not unknown,
+        input_shapes=dict(shaped.meta.get(_INPUT_SHAPES, {})),
+        assumed_dims=dict(shaped.meta.get(_ASSUMED, {})),
+        shape_error=shaped.meta.get(_SHAPE_ERROR),
     )
 
 
@@ -846,14 +901,7 @@ def format_stats(stats: ModelStats, *, max_rows: int = 30) -> str:
         size.append(format_table(rows, ["dtype", "bytes", "share"], indent="  "))
     sections.append("\n".join(size))
 
-    compute = [f"Compute: {human_count(stats.macs)} MACs at batch {stats.batch} (shapes from {stats.shape_source})"]
-    if stats.macs_by_op:
-        rows = [[op, human_count(m), f"{100 * m / stats.macs:.1f}%"] for op, m in stats.macs_by_op.items()]
-        compute.append(format_table(rows, ["op", "MACs", "share"], indent="  "))
-    if stats.unknown_macs:
-        names = ", ".join(stats.unknown_macs[:5]) + (" …" if len(stats.unknown_macs) > 5 else "")
-        compute.append(f"  not counted (shapes unknown): {len(stats.unknown_macs)} nodes: {names}")
-    sections.append("\n".join(compute))
+    sections.append("\n".join(format_compute(stats)))
 
     rows = [[op, n] for op, n in list(stats.op_types.items())[:max_rows]]
     sections.append("Op types\n" + format_table(rows, ["op", "count"], indent="  ") + _more(stats.op_types, max_rows))
@@ -875,6 +923,37 @@ def format_stats(stats: ModelStats, *, max_rows: int = 30) -> str:
                         + format_table(rows, ["node", "op", "shape", "stored as", "bytes"], align="llllr", indent="  ")
                         + _more(stats.weights, max_rows))
     return "\n\n".join(sections) + "\n"
+
+
+def macs_text(stats: ModelStats | Mapping[str, Any]) -> str:
+    """``1.01 G``, or ``≥ 1.67 M`` when some nodes were not counted (``macs_complete`` False)."""
+    get = stats.get if isinstance(stats, Mapping) else lambda key, default=None: getattr(stats, key, default)
+    text = human_count(get("macs"))
+    return text if get("macs_complete", True) else f"≥ {text}"
+
+
+def format_compute(stats: ModelStats) -> list[str]:
+    """The "Compute" lines of ``format_stats``: total MACs and the sizes they are for, a loud
+    INCOMPLETE marker when some nodes' shapes are unknown, the MACs by op."""
+    at = ", ".join(f"{name} {_shape_text(shape)}" for name, shape in stats.input_shapes.items())
+    head = f"Compute: {macs_text(stats)} MACs at " + (at or f"batch {stats.batch}") + f" (shapes from {stats.shape_source})"
+    counted = sum(1 for layer in stats.layers if layer["macs"])
+    if not stats.macs_complete:
+        head += (f" — INCOMPLETE: {len(stats.unknown_macs)} of {counted + len(stats.unknown_macs)} compute nodes "
+                 "not counted (shapes unknown)")
+    lines = [head]
+    if stats.assumed_dims:
+        sizes = ", ".join(f"{k}={v}" for k, v in stats.assumed_dims.items())
+        lines.append(f"  symbolic input sizes assumed: {sizes}; pin the real ones with --input-shape NAME=D0,D1,…")
+    if stats.macs_by_op:
+        rows = [[op, human_count(m), f"{100 * m / stats.macs:.1f}%"] for op, m in stats.macs_by_op.items()]
+        lines.append(format_table(rows, ["op", "MACs", "share"], indent="  "))
+    if stats.unknown_macs:
+        names = ", ".join(stats.unknown_macs[:5]) + (" …" if len(stats.unknown_macs) > 5 else "")
+        lines.append(f"  not counted (shapes unknown): {len(stats.unknown_macs)} nodes: {names}")
+    if stats.shape_error and stats.unknown_macs:
+        lines.append(f"  onnxruntime could not run the model at these sizes: {stats.shape_error}")
+    return lines
 
 
 def _more(items, shown: int) -> str:

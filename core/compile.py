@@ -1,10 +1,13 @@
 """The library entry point: compress a model file with a pipeline, as ``lowbit compress`` does.
 
 ``compress(model_path, out_path, passes, ...)`` checks the output path before any work, loads the
-model (refusing bad files), opens the calibration data, runs the passes through the verifying
+model (refusing bad files), pins the input shapes asked for (``input_shapes``, the CLI's
+``--input-shape``: symbolic dims replaced in the model's input types, so the output keeps them),
+opens the calibration data, runs the passes through the verifying
 manager, stamps the pipeline, version and seed into ``metadata_props`` (so a result says how to
 reproduce it), saves atomically and returns the report as a JSON-ready dict: per pass time and
-error, and parameters, MACs, nodes and file bytes before and after.
+error, and parameters, MACs, nodes and file bytes before and after (MACs at the input shapes in
+``before.input_shapes``; a warning when some nodes could not be counted).
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from lowbit.core import io
 
 
 def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, external_data=None,
-             report_path=None, progress=True, batch_size=16):
+             report_path=None, progress=True, batch_size=16, input_shapes=None):
     """Load, run ``passes`` (configured Pass objects or pipeline text) with verification, save
-    atomically; return the report dict."""
+    atomically; return the report dict.
+
+    ``input_shapes``: ``{"images": (1, 3, 320, 320)}`` or ``["images=1,3,320,320"]`` (as
+    ``--input-shape``), pinning symbolic input dimensions when the model is loaded."""
     from tqdm import tqdm
 
     from lowbit import __version__
     from lowbit.analysis.report_format import jsonable
     from lowbit.analysis.stats import model_stats
-    from lowbit.core.calib import open_calibration
+    from lowbit.core.calib import apply_input_shapes, open_calibration
     from lowbit.core.context import Context
     from lowbit.passes.manager import run_passes
     from lowbit.passes.pipeline import describe_pipeline
@@ -42,6 +48,7 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
     if report_path is not None:
         io.check_output_path(report_path, (model_path, out_path))
     model = io.load(model_path)
+    pinned = apply_input_shapes(model, input_shapes)
     ctx = Context(seed=seed, verify=verify, progress=progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -55,11 +62,18 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
     model.metadata_props["lowbit.pipeline"] = text
     model.metadata_props["lowbit.version"] = __version__
     model.metadata_props["lowbit.seed"] = str(seed)
+    if pinned:
+        model.metadata_props["lowbit.input_shapes"] = " ".join(
+            f"{name}={','.join('?' if d is None else str(d) for d in dims)}" for name, dims in pinned.items())
     io.save(model, out_path, external_data=external_data)
     after = model_stats(model)
+    for label, stats in (("before", before), ("after", after)):
+        if not stats.macs_complete:
+            ctx.warn(f"MACs {label} are a lower bound: {len(stats.unknown_macs)} nodes have unknown shapes "
+                     f"(e.g. {stats.unknown_macs[0]})" + (f"; {stats.shape_error}" if stats.shape_error else ""))
     ctx.report.info.update({
         "input": str(model_path), "output": str(out_path), "pipeline": text, "seed": seed,
-        "calibration": calib, "verified": verify,
+        "calibration": calib, "verified": verify, "input_shapes": pinned or None,
         "before": {**before.to_dict(), "file_bytes": Path(model_path).stat().st_size},
         "after": {**after.to_dict(), "file_bytes": _saved_bytes(out_path)},
     })

@@ -11,6 +11,9 @@ lowbit adds no evaluator of its own. It does not fold random ops, control flow, 
 or ``(De)QuantizeLinear`` (kept to preserve quantization info), nor nodes that read a graph input.
 After folding, nodes and initializers nothing reads are removed, and (option ``lift``) the
 remaining Constant nodes become initializers. Graph inputs and outputs keep their names.
+Folded results are stored as C-contiguous arrays: the reference evaluator returns views (a
+``Transpose`` then ``Unsqueeze`` of a constant is a strided view of it), which later hashing of
+raw bytes (``cleanup``'s deduplication) cannot read.
 
 Size limits bound the work and the file: a node with a constant input larger than
 ``input_limit`` elements is not evaluated, and a folded result larger than ``size_limit`` elements
@@ -27,6 +30,7 @@ from onnx_ir.passes import common
 
 from lowbit.core.errors import UserError
 from lowbit.passes.base import Pass, option
+from lowbit.passes.cleanup import contiguous_initializers
 
 
 @dataclasses.dataclass
@@ -86,6 +90,7 @@ class FoldConstants(Pass):
                 lifted = constants - sum(
                     1 for n in model.graph.all_nodes() if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
                 )
+        contiguous_initializers(model)
         # The folder records provenance in metadata_props, which would be written to the file.
         for graph in [model.graph, *model.graph.subgraphs()]:
             for value in graph.initializers.values():

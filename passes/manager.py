@@ -4,12 +4,17 @@ After every pass the model must (1) pass the ONNX checker, (2) load in onnxrunti
 verification is off — (3) produce outputs on sample inputs that match the model before the pass:
 within the pass's ``tolerance`` (relative, max |Δ| / max |ref|) for exact passes, else the run
 stops with an error naming the pass; for lossy passes the added error is recorded. Sample inputs
-are the first calibration samples, or seeded random data when there is no calibration data.
-Wall time and error per pass go into ``ctx.report``.
+are the first calibration samples, or seeded random data when there is no calibration data
+(symbolic sizes guessed as ``core.calib`` says); a model with a fixed batch size is run on several
+feeds of that size and their outputs joined. If the *input* model already fails to run on them,
+no pass is to blame: that is a ``UserError`` naming the inputs and their shapes (for guessed
+sizes, pointing at ``--input-shape``). Wall time and error per pass go into ``ctx.report``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 
 import numpy as np
@@ -17,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from lowbit.core import io
-from lowbit.core.calib import input_specs, random_feed
+from lowbit.core.calib import describe_feed, fixed_batch, input_specs, random_feed
 from lowbit.core.context import Context, PassRecord
 from lowbit.core.errors import PassFailure, UserError, VerificationError
 from lowbit.core.metrics import compare_outputs
@@ -29,10 +34,41 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def sample_feed(model: ir.Model, ctx: Context) -> dict[str, np.ndarray]:
+def ort_reason(exc: BaseException) -> str:
+    """onnxruntime's error, shortened for a one-line message: the failing node and what failed,
+    without the status codes and C++ source locations around them."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    head, sep, message = text.partition(" Status Message: ")
+    if sep:
+        message = re.split(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", message)[-1]
+        message = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ \S+ ", "", message)
+        node = re.search(r"running (\w+) node\. Name:'([^']*)'", head)
+        head = f"{node.group(1)} node '{node.group(2)}'" if node else head.rstrip(". ")
+        message = re.sub(r"\s*Validate usage of dim_value.*$", "", message)
+        text = f"{head}: {message}"
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text.strip()[:300]
+
+
+def sample_feeds(model: ir.Model, ctx: Context) -> list[dict[str, np.ndarray]]:
+    """The verification inputs: one feed of ``ctx.verify_samples`` samples, or — for a model
+    that fixes its batch size — as many feeds of that size as cover them."""
     if ctx.calib is not None:
-        return ctx.calib.first(ctx.verify_samples)
-    return random_feed(input_specs(model), min(ctx.verify_samples, 4), ctx.rng("verify"))
+        if ctx.calib.fixed_batch:
+            return ctx.calib.batches(ctx.verify_samples)
+        return [ctx.calib.first(ctx.verify_samples)]
+    specs = input_specs(model)
+    samples = min(ctx.verify_samples, 4)
+    rng = ctx.rng("verify")
+    fixed = fixed_batch(specs)
+    if fixed:
+        return [random_feed(specs, fixed, rng) for _ in range(math.ceil(samples / fixed))]
+    return [random_feed(specs, samples, rng)]
+
+
+def sample_feed(model: ir.Model, ctx: Context) -> dict[str, np.ndarray]:
+    """The first of ``sample_feeds``."""
+    return sample_feeds(model, ctx)[0]
 
 
 def run_model(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,6 +77,40 @@ def run_model(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = session(sess, optimization="disable")
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feed)))
+
+
+def run_feeds(sess, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``run_model`` on each feed, outputs joined along the first axis (flattened and joined
+    when their other axes differ from feed to feed)."""
+    results = [run_model(sess, feed) for feed in feeds]
+    if len(results) == 1:
+        return results[0]
+    joined = {}
+    for name in results[0]:
+        parts = [np.asarray(r[name]) for r in results]
+        if all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
+            joined[name] = np.concatenate(parts)
+        else:
+            joined[name] = np.concatenate([p.reshape(-1) for p in parts])
+    return joined
+
+
+def _reference_failure(model: ir.Model, ctx: Context, feeds, exc: BaseException) -> UserError:
+    """The input model fails on the verification inputs: the inputs are at fault, not a pass."""
+    specs = input_specs(model)
+    guessed = ctx.calib is None or ctx.calib.random
+    shapes = describe_feed(specs, feeds[0], guessed=guessed)
+    reason = ort_reason(exc)
+    loose = [s for s in specs if any(not isinstance(d, int) for d in s.shape)]
+    if guessed and loose:
+        example = " ".join(
+            f"--input-shape {s.name}=" + ",".join(str(d) if isinstance(d, int) else f"<{d or f'dim {i}'}>"
+                                                  for i, d in enumerate(s.shape))
+            for s in loose)
+        return UserError(f"the input model fails to run on random inputs of guessed size {shapes}, before any pass "
+                         f"ran; give the sizes it accepts with {example} ({reason})")
+    source = f"the calibration data ({ctx.calib.label})" if ctx.calib is not None else "random inputs"
+    return UserError(f"the input model fails to run on {source}, {shapes}, before any pass ran ({reason})")
 
 
 def open_checked(model: ir.Model):
@@ -63,14 +133,17 @@ def _worst_output(reference, outputs) -> tuple[str, dict[str, float]]:
 
 def run_passes(model: ir.Model, passes: list[Pass], ctx: Context, *, progress=None) -> ir.Model:
     """Apply ``passes`` to ``model`` in place, in order, verifying after each; return the model."""
-    feed = reference = original = None
+    feeds = reference = original = None
     try:
         sess = open_checked(model)
     except Exception as exc:  # noqa: BLE001 - checker and onnxruntime raise many types
         raise UserError(f"the input model does not load in onnxruntime before any pass ran: {_first_line(exc)}") from None
     if ctx.verify:
-        feed = sample_feed(model, ctx)
-        reference = original = run_model(sess, feed)
+        feeds = sample_feeds(model, ctx)
+        try:
+            reference = original = run_feeds(sess, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types
+            raise _reference_failure(model, ctx, feeds, exc) from None
     history: list[str] = []
     for p in passes:
         record = PassRecord(name=p.name, pipeline=p.describe(), preserves=p.preserves)
@@ -95,7 +168,7 @@ def run_passes(model: ir.Model, passes: list[Pass], ctx: Context, *, progress=No
             raise PassFailure(p.name, f"produced a model that fails to load: {exc}", tuple(history)) from exc
         if ctx.verify:
             try:
-                outputs = run_model(sess, feed)
+                outputs = run_feeds(sess, feeds)
             except Exception as exc:  # noqa: BLE001
                 raise PassFailure(p.name, f"produced a model that fails to run: {exc}", tuple(history)) from exc
             try:

@@ -35,13 +35,16 @@ def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
 
 
 def limit_samples(calib, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """The calibration feeds, the last one cut so that at most ``max_samples`` samples pass."""
+    """The calibration feeds, the last one cut so that at most ``max_samples`` samples pass —
+    except for a model with a fixed batch size (``calib.fixed_batch``), which cannot run a cut
+    feed: its last feed passes whole."""
     seen = 0
+    fixed = getattr(calib, "fixed_batch", None)
     for feed in calib:
         if max_samples is not None and seen >= max_samples:
             break
         count = min((v.shape[0] for v in feed.values() if v.ndim), default=1)
-        if max_samples is not None and seen + count > max_samples:
+        if max_samples is not None and seen + count > max_samples and not fixed:
             keep = max_samples - seen
             feed = {k: v[:keep] if v.ndim else v for k, v in feed.items()}
             count = keep
