@@ -95,7 +95,7 @@ def test_runs_with_batch_and_fixed_shape(yolo_path, eval_photos, float_outputs, 
 def test_photo_sets(eval_photos):
     calib = yolo.photos(calib=True)
     assert eval_photos.images.shape == (24, 3, yolo.SIZE, yolo.SIZE) and eval_photos.images.dtype == np.float32
-    assert calib.images.shape == (16, 3, yolo.SIZE, yolo.SIZE)
+    assert calib.images.shape == (40, 3, yolo.SIZE, yolo.SIZE)
     for images in (eval_photos.images, calib.images):
         assert images.min() >= 0.0 and images.max() <= 1.0
     # No photo and no LFW patch is in both sets.
@@ -287,4 +287,4 @@ def test_calibration_file(yolo_path, tmp_path):
         np.testing.assert_array_equal(data[yolo.INPUT], yolo.photos(calib=True).images)
     assert yolo.calibration(tmp_path / "sub" / "mine.npz") == tmp_path / "sub" / "mine.npz"
     calib = open_calibration(str(path), io.load(yolo_path), batch_size=4)
-    assert [feed[yolo.INPUT].shape[0] for feed in calib] == [4, 4, 4, 4]
+    assert [feed[yolo.INPUT].shape[0] for feed in calib] == [4] * 10
