@@ -529,6 +529,15 @@ SEEDS = {"Conv": _seed_conv, "ConvTranspose": _seed_conv, "Gemm": _seed_gemm, "M
 # Rules: rule(builder, node, tracked value, tracked axis); raise _Blocked to stop
 
 
+def _unary(b: _Builder, node: ir.Node) -> tuple[ir.Value, ir.Value, int]:
+    """(first input, first output, the input's rank) of a node; blocked when the rank is unknown."""
+    x, y = _input(node, 0), node.outputs[0]
+    r = b.rank(x)
+    if r is None:
+        raise _Blocked(f"{_label(node)}: rank unknown")
+    return x, y, r
+
+
 def _label(node: ir.Node) -> str:
     return f"{node.op_type} '{node_label(node)}'"
 
@@ -745,10 +754,7 @@ def _rule_layernorm(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> N
 def _rule_mixing_axis(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     """Ops working along one axis (Softmax, LogSoftmax, Hardmax, LpNormalization, CumSum, LRN,
     GroupNormalization): identity on the other axes."""
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     op = node.op_type
@@ -846,10 +852,7 @@ def _slice_params(b: _Builder, node: ir.Node, r: int):
 
 
 def _rule_slice(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     starts, ends, axes, steps = _slice_params(b, node, r)
@@ -868,10 +871,7 @@ def _rule_slice(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
 
 
 def _rule_pad(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     if b.opset < 11:
@@ -895,10 +895,7 @@ def _rule_pad(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
 
 
 def _rule_resize(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     if _attr(node, "coordinate_transformation_mode", "") in ("tf_crop_and_resize", b"tf_crop_and_resize"):
@@ -965,10 +962,7 @@ def _reduce_axes(b: _Builder, node: ir.Node, r: int) -> list[int] | None:
 
 
 def _rule_reduce(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     axes = _reduce_axes(b, node, r)
@@ -989,10 +983,7 @@ def _rule_reduce(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
 
 
 def _rule_transpose(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
-    x, y = _input(node, 0), node.outputs[0]
-    r = b.rank(x)
-    if r is None:
-        raise _Blocked(f"{_label(node)}: rank unknown")
+    x, y, r = _unary(b, node)
     perm = list(_attr(node, "perm", list(range(r))[::-1]))
     if value is x:
         ax, ay = axis, perm.index(axis)

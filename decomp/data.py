@@ -57,8 +57,14 @@ def layer_rows(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> np.ndar
     if not layer.is_conv:
         rows = x.reshape(-1, layer.in_features)
         return _subsample(rows, rng)
-    kernel = layer.kernel
-    strides, dilations, begin, end = conv_geometry(layer.node, x.shape[2:], kernel)
+    return patch_rows(layer.node, x, layer.kernel, rng)[0]
+
+
+def patch_rows(node: ir.Node, x: np.ndarray, kernel: tuple[int, ...], rng: np.random.Generator,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """im2col rows [S, C·∏k] of a Conv's input ``x`` at at most ``ROWS`` seeded output
+    positions, and those positions as flat indices into the output's (batch, *spatial) grid."""
+    strides, dilations, begin, end = conv_geometry(node, x.shape[2:], kernel)
     padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
     out = [(p - (k - 1) * d - 1) // s + 1 for p, k, d, s in zip(padded.shape[2:], kernel, dilations, strides)]
     count = x.shape[0] * math.prod(out)
@@ -70,7 +76,7 @@ def layer_rows(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> np.ndar
         where = tuple(o * s + j * d for o, s, j, d in zip(spots, strides, offset, dilations))
         columns.append(padded[(batch[:, None], np.arange(x.shape[1])[None, :], *(w[:, None] for w in where))])
     # columns: ∏k entries of [S, C] → [S, C, ∏k] → [S, C·∏k] (channel major, as K.reshape(N, -1))
-    return np.stack(columns, axis=2).reshape(len(pick), -1)
+    return np.stack(columns, axis=2).reshape(len(pick), -1), pick
 
 
 def _subsample(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -114,3 +120,43 @@ def paired(current: ir.Model, z_name: str, original: ir.Model, y_name: str, cali
             pick = np.sort(rng.choice(z.shape[0], ROWS, replace=False))
             z, y = z[pick], y[pick]
         yield z, y
+
+
+def paired_patches(current: ir.Model, x_name: str, original: ir.Model, y_name: str, calib, *, node: ir.Node,
+                   kernel: tuple[int, ...] | None, max_samples: int, rng: np.random.Generator,
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Row-aligned (X [S, D], Y [S, N]): a layer's reduction input in the ``current`` model (im2col
+    patches of a Conv's input, D = C·∏k; rows of a Gemm/MatMul input) and, at the same output
+    positions, its output in the ``original`` model — the pairs of a least-squares refit of the
+    whole layer (``kernel`` None for Gemm/MatMul)."""
+    for (pair,) in paired_many(current, original, [(node, x_name, y_name, kernel)], calib,
+                               max_samples=max_samples, rngs=[rng]):
+        yield pair
+
+
+def paired_many(current: ir.Model, original: ir.Model, layers: list[tuple[ir.Node, str, str, tuple[int, ...] | None]],
+                calib, *, max_samples: int, rngs: list[np.random.Generator]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """``paired_patches`` of several layers (node, input name, output name, kernel) at once: one
+    run of each model per calibration batch; yields one (X, Y) pair per layer."""
+    x_names = list(dict.fromkeys(x for _, x, _, _ in layers))
+    y_names = list(dict.fromkeys(y for _, _, y, _ in layers))
+    sess_x = session(truncated(current, x_names), optimization="basic")
+    sess_y = session(truncated(original, y_names), optimization="basic")
+    inputs_x = {i.name for i in sess_x.get_inputs()}
+    inputs_y = {i.name for i in sess_y.get_inputs()}
+    for feed in limit_samples(calib, max_samples):
+        xs = dict(zip(x_names, sess_x.run(x_names, {k: v for k, v in feed.items() if k in inputs_x})))
+        ys = dict(zip(y_names, sess_y.run(y_names, {k: v for k, v in feed.items() if k in inputs_y})))
+        out = []
+        for (node, x_name, y_name, kernel), rng in zip(layers, rngs):
+            x, y = xs[x_name], ys[y_name]
+            if kernel is None:
+                rows, y_rows = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+                if rows.shape[0] > ROWS:
+                    pick = np.sort(rng.choice(rows.shape[0], ROWS, replace=False))
+                    rows, y_rows = rows[pick], y_rows[pick]
+                out.append((rows, y_rows))
+            else:
+                rows, pick = patch_rows(node, x, kernel, rng)
+                out.append((rows, channels_last(y, True)[pick]))
+        yield out

@@ -69,6 +69,20 @@ class Pass:
         return f"<pass {self.describe()}>"
 
 
+def macs_budget(text: str, pass_name: str) -> float | None:
+    """The fraction F of a ``budget='macs:F'`` option (0 < F ≤ 1), None when it is empty."""
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if kind != "macs" or not 0 < fraction <= 1:
+        raise UserError(f"option 'budget' of pass {pass_name} must be 'macs:F' with 0 < F ≤ 1, not {text!r}")
+    return fraction
+
+
 def _default_of(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -48,7 +48,7 @@ from lowbit.decomp.ranks import parse_rank, round_rank
 from lowbit.decomp.svd import LowRank, energy_curve, low_rank, psd_sqrt
 from lowbit.decomp.tucker import Tucker2, partial_tucker, unfold
 from lowbit.decomp.vbmf import evbmf
-from lowbit.passes.base import Pass, option
+from lowbit.passes.base import Pass, macs_budget, option
 from lowbit.passes.edit import Names
 
 #: candidate rank fractions of a Tucker-2 layer under a budget
@@ -112,16 +112,7 @@ class DecomposeOptions:
         return "tucker" if isinstance(self, TuckerOptions) else "lowrank"
 
     def budget_fraction(self) -> float | None:
-        if not self.budget:
-            return None
-        kind, _, value = self.budget.partition(":")
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = float("nan")
-        if kind != "macs" or not 0 < fraction <= 1:
-            raise UserError(f"option 'budget' of pass {self._pass} must be 'macs:F' with 0 < F ≤ 1, not {self.budget!r}")
-        return fraction
+        return macs_budget(self.budget, self._pass)
 
 
 @dataclasses.dataclass

@@ -64,3 +64,37 @@ def array_calibration(model: ir.Model, data: dict[str, np.ndarray], batch: int =
             yield {k: v[start:start + batch] for k, v in data.items()}
 
     return Calibration("test data", make, input_specs(model), num_samples=n)
+
+
+def digits_calibration(model: ir.Model, batch: int = 16) -> Calibration:
+    """The digits CNN's 256 calibration images (``x_calib``) as in-memory calibration data."""
+    from lowbit.models import demo
+
+    x = np.load(demo.model_path("digits").parent / "digits_data.npz")["x_calib"]
+    return array_calibration(model, {model.graph.inputs[0].name: x}, batch=batch)
+
+
+def digits_top1_of(model: ir.Model, folder: Path) -> float:
+    """Top-1 of a (rewritten) digits CNN on the 540 held-out digits, saved into ``folder``."""
+    from lowbit.core import io
+    from lowbit.models import evaluate
+
+    path = folder / "digits.onnx"
+    io.save(model, path)
+    return evaluate.digits_top1(path)
+
+
+def run_pipeline(model: ir.Model, pipeline: str, calib=None):
+    """Run a pipeline text on ``model`` in place; return the Context (its report)."""
+    from lowbit.core.context import Context
+    from lowbit.passes.manager import run_passes
+    from lowbit.passes.pipeline import parse_pipeline
+
+    ctx = Context(calib=calib, progress=False)
+    run_passes(model, parse_pipeline(pipeline), ctx)
+    return ctx
+
+
+def pass_notes(ctx, name: str) -> dict:
+    """The report notes of the (first) pass called ``name``."""
+    return next(p for p in ctx.report.passes if p.name == name).notes

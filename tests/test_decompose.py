@@ -24,25 +24,13 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import array_calibration, refused
+from helpers import array_calibration, digits_calibration, digits_top1_of, pass_notes, refused, run_pipeline
 
 from lowbit.core import io
-from lowbit.core.context import Context
 from lowbit.decomp.budget import Candidate, allocate, lower_hull
 from lowbit.models import demo, evaluate, imagenet_eval
-from lowbit.passes.manager import run_passes
-from lowbit.passes.pipeline import parse_pipeline
 from lowbit.runtime.session import session
 
-
-def _run(model: ir.Model, pipeline: str, calib=None) -> Context:
-    ctx = Context(calib=calib, progress=False)
-    run_passes(model, parse_pipeline(pipeline), ctx)
-    return ctx
-
-
-def _notes(ctx: Context, name: str) -> dict:
-    return next(p for p in ctx.report.passes if p.name == name).notes
 
 
 def _outputs(model, feed) -> np.ndarray:
@@ -53,18 +41,6 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(a).max())
 
 
-@pytest.fixture(scope="module")
-def digits_calib():
-    model = io.load(demo.model_path("digits"))
-    x = np.load(demo.model_path("digits").parent / "digits_data.npz")["x_calib"]
-    return lambda m: array_calibration(m, {model.graph.inputs[0].name: x}, batch=64)
-
-
-def _digits_top1(model: ir.Model, tmp_path) -> float:
-    path = tmp_path / "digits.onnx"
-    io.save(model, path)
-    return evaluate.digits_top1(path)
-
 
 # --------------------------------------------------------------------------------------------
 # Exactness at full rank
@@ -72,11 +48,11 @@ def _digits_top1(model: ir.Model, tmp_path) -> float:
 
 def test_full_rank_tucker_and_svd_are_exact_on_digits():
     model = io.load(demo.model_path("digits"))
-    _run(model, "fold-bn")
+    run_pipeline(model, "fold-bn")
     feed = {model.graph.inputs[0].name: np.load(demo.model_path("digits").parent / "digits_data.npz")["x_test"][:64]}
     ref = _outputs(model, feed)
-    ctx = _run(model, "tucker(rank=ratio:1.0,only_smaller=false,linear=true)")
-    notes = _notes(ctx, "tucker")
+    ctx = run_pipeline(model, "tucker(rank=ratio:1.0,only_smaller=false,linear=true)")
+    notes = pass_notes(ctx, "tucker")
     assert notes["decomposed"] == 6
     assert {row["method"] for row in notes["layers"]} == {"tucker2", "svd"}
     assert all(row["weight_error"] < 1e-9 for row in notes["layers"])
@@ -89,8 +65,8 @@ def test_full_rank_lowrank_is_exact_on_tiny_llama():
     rng = np.random.default_rng(0)
     feed = {model.graph.inputs[0].name: rng.integers(0, 256, (2, 32)).astype(np.int64)}
     ref = _outputs(model, feed)
-    ctx = _run(model, "lowrank(rank=ratio:1.0,only_smaller=false)")
-    assert _notes(ctx, "lowrank")["decomposed"] >= 14
+    ctx = run_pipeline(model, "lowrank(rank=ratio:1.0,only_smaller=false)")
+    assert pass_notes(ctx, "lowrank")["decomposed"] >= 14
     assert _rel(ref, _outputs(model, feed)) <= 1e-4
 
 
@@ -134,8 +110,8 @@ def test_full_rank_is_exact_on_every_layout_and_skips_are_listed():
     model = ir.serde.deserialize_model(_layouts())
     feed = _layout_feed()
     ref = session(model, optimization="disable").run(None, feed)
-    ctx = _run(model, "tucker(rank=ratio:1.0,only_smaller=false,linear=true)")
-    notes = _notes(ctx, "tucker")
+    ctx = run_pipeline(model, "tucker(rank=ratio:1.0,only_smaller=false,linear=true)")
+    notes = pass_notes(ctx, "tucker")
     assert sorted(row["node"] for row in notes["layers"]) == ["conv1x1", "gemm", "matmul"]
     skipped = "\n".join(notes["skipped"])
     assert "grouped: grouped convolution (group=2)" in skipped
@@ -152,8 +128,8 @@ def test_refit_on_every_layout_is_checked_on_held_out_data():
     for refit in (False, True):
         model = ir.serde.deserialize_model(_layouts(dynamic=False))
         calib = array_calibration(model, calib_data, batch=16)
-        ctx = _run(model, f"lowrank(rank=ratio:0.3,refit={str(refit).lower()})", calib=calib)
-        notes = _notes(ctx, "lowrank")
+        ctx = run_pipeline(model, f"lowrank(rank=ratio:0.3,refit={str(refit).lower()})", calib=calib)
+        notes = pass_notes(ctx, "lowrank")
         feed = {"x": _layout_feed(32, seed=9)["x"]}
         ref = session(ir.serde.deserialize_model(_layouts(dynamic=False)), optimization="disable").run(["y"], feed)[0]
         errors[refit] = _rel(ref, session(model, optimization="disable").run(["y"], feed)[0])
@@ -172,13 +148,13 @@ def test_refit_on_every_layout_is_checked_on_held_out_data():
 # Rank policies, budget and refit on the digits CNN
 
 
-def test_digits_budget_with_refit_keeps_top1(tmp_path, digits_calib):
+def test_digits_budget_with_refit_keeps_top1(tmp_path):
     float_top1 = evaluate.digits_top1(demo.model_path("digits"))
     result = {}
     for refit in (True, False):
         model = io.load(demo.model_path("digits"))
-        ctx = _run(model, f"fold-bn,tucker(budget=macs:0.6,refit={str(refit).lower()})", calib=digits_calib(model))
-        notes = _notes(ctx, "tucker")
+        ctx = run_pipeline(model, f"fold-bn,tucker(budget=macs:0.6,refit={str(refit).lower()})", calib=digits_calibration(model, batch=64))
+        notes = pass_notes(ctx, "tucker")
         assert notes["model"]["macs_ratio"] <= 0.6
         assert notes["budget"]["reached"]
         # every decomposed layer's sensitivity was probed; they differ by orders of magnitude
@@ -186,40 +162,40 @@ def test_digits_budget_with_refit_keeps_top1(tmp_path, digits_calib):
         assert {row["node"] for row in notes["layers"]} <= set(sensitivity)
         spread = [v for probes in sensitivity.values() for v in probes.values()]
         assert max(spread) > 10 * min(spread), sensitivity
-        result[refit] = _digits_top1(model, tmp_path)
+        result[refit] = digits_top1_of(model, tmp_path)
     assert result[True] >= float_top1 - 0.01, result  # measured 0.9963 = float
     # with the layers' own errors summed instead of the measured model error: 0.9870
     assert result[False] >= float_top1 - 0.01, result  # measured 0.9944
     assert result[True] >= result[False], result
 
 
-def test_digits_vbmf_ranks(tmp_path, digits_calib):
+def test_digits_vbmf_ranks(tmp_path):
     model = io.load(demo.model_path("digits"))
-    ctx = _run(model, "fold-bn,tucker(rank=vbmf)", calib=digits_calib(model))
-    notes = _notes(ctx, "tucker")
+    ctx = run_pipeline(model, "fold-bn,tucker(rank=vbmf)", calib=digits_calibration(model, batch=64))
+    notes = pass_notes(ctx, "tucker")
     ranks = {row["node"]: row["ranks"] for row in notes["layers"]}
     # data-aware EVBMF of the unfoldings: a third of the channels or so (measured 10–17 of 32)
     assert all(1 <= r <= 24 for node, rr in ranks.items() for r in rr if node != "node_Conv_76")
     assert notes["model"]["macs_ratio"] < 0.35  # measured 0.22
-    top1 = _digits_top1(model, tmp_path)
+    top1 = digits_top1_of(model, tmp_path)
     plain = io.load(demo.model_path("digits"))
-    _run(plain, "fold-bn,tucker(rank=vbmf,refit=false)", calib=digits_calib(plain))
+    run_pipeline(plain, "fold-bn,tucker(rank=vbmf,refit=false)", calib=digits_calibration(plain, batch=64))
     # the refit is what keeps the network working at these ranks (measured 0.665 vs 0.096)
-    assert top1 >= _digits_top1(plain, tmp_path) + 0.3
+    assert top1 >= digits_top1_of(plain, tmp_path) + 0.3
 
 
-def test_only_when_it_pays(digits_calib):
+def test_only_when_it_pays():
     model = io.load(demo.model_path("digits"))
-    ctx = _run(model, "fold-bn,tucker(rank=ratio:0.9)")
-    notes = _notes(ctx, "tucker")
+    ctx = run_pipeline(model, "fold-bn,tucker(rank=ratio:0.9)")
+    notes = pass_notes(ctx, "tucker")
     assert notes["decomposed"] == 0
     assert sum("would not lower its MACs" in s for s in notes["skipped"]) == 5
 
 
 def test_integer_rank_above_a_layers_bound_skips_it():
     model = io.load(demo.model_path("digits"))
-    ctx = _run(model, "fold-bn,tucker(rank=20)")
-    skipped = "\n".join(_notes(ctx, "tucker")["skipped"])
+    ctx = run_pipeline(model, "fold-bn,tucker(rank=20)")
+    skipped = "\n".join(pass_notes(ctx, "tucker")["skipped"])
     assert "node_Conv_76: rank 20 exceeds the layer's bound 1" in skipped
     assert "node_Conv_77: rank 20 exceeds the layer's bound 16" in skipped
 
