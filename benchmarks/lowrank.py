@@ -74,7 +74,8 @@ from lowbit.core import io
 from lowbit.core.calib import input_specs
 from lowbit.core.compile import compress
 from lowbit.models import demo, efficientnet_lite0, evaluate, imagenet_eval, synthetic
-from lowbit.runtime.session import session
+
+import _timing  # benchmarks/_timing.py: a script's folder is on sys.path
 
 #: VGG widths: input channels, then each Conv's output channels
 VGG_CHANNELS = (64, 128, 128, 256, 256)
@@ -127,20 +128,11 @@ def _summary(report: dict) -> dict:
 
 def interleaved(a: pathlib.Path, b: pathlib.Path, feed: dict, runs: int, warmup: int = 5) -> dict:
     """Median latency (ms) of two models run alternately (order flipped every round) on ``THREADS``."""
-    sessions = {"original": session(a, threads=THREADS), "decomposed": session(b, threads=THREADS)}
-    for _ in range(warmup):
-        for s in sessions.values():
-            s.run(None, feed)
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    for i in range(runs):
-        for key in (("original", "decomposed") if i % 2 == 0 else ("decomposed", "original")):
-            start = time.perf_counter_ns()
-            sessions[key].run(None, feed)
-            times[key].append((time.perf_counter_ns() - start) / 1e6)
-    medians = {key: float(np.median(v)) for key, v in times.items()}
+    times = _timing.interleaved({"original": a, "decomposed": b}, feed, runs, threads=THREADS, warmup=warmup)
+    medians = {key: _timing.median_ms(v) for key, v in times.items()}
     return {"original_ms": round(medians["original"], 2), "decomposed_ms": round(medians["decomposed"], 2),
-            "original_p90_ms": round(float(np.percentile(times["original"], 90)), 2),
-            "decomposed_p90_ms": round(float(np.percentile(times["decomposed"], 90)), 2),
+            "original_p90_ms": round(_timing.p90_ms(times["original"]), 2),
+            "decomposed_p90_ms": round(_timing.p90_ms(times["decomposed"]), 2),
             "runs": runs, "speedup": round(medians["original"] / medians["decomposed"], 3)}
 
 

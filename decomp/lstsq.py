@@ -73,6 +73,28 @@ class RidgeAccumulator:
             self._syy += float(np.sum(y * y))
         self.n += Z.shape[0]
 
+    def combined(self, other: "RidgeAccumulator") -> "RidgeAccumulator":
+        """A new accumulator holding the samples of both (about this one's shift): with
+        d = k_other − k, the other's sums about k are S' = S_o + d·s_oᵀ + s_o·dᵀ + n_o·d·dᵀ
+        (and likewise for the cross and target sums)."""
+        if (other.R, other.N, other.bias) != (self.R, self.N, self.bias):
+            raise ValueError(f"{self.name}: cannot combine with an accumulator of another shape")
+        out = RidgeAccumulator(self.R, self.N, bias=self.bias, name=self.name)
+        if self.n == 0 or other.n == 0:
+            src = other if self.n == 0 else self
+            for key in ("n", "_kz", "_ky", "_sz", "_sy", "_szz", "_szy", "_syy"):
+                value = getattr(src, key)
+                setattr(out, key, value.copy() if isinstance(value, np.ndarray) else value)
+            return out
+        dz, dy, m = other._kz - self._kz, other._ky - self._ky, other.n
+        out.n, out._kz, out._ky = self.n + m, self._kz.copy(), self._ky.copy()
+        out._sz = self._sz + other._sz + m * dz
+        out._sy = self._sy + other._sy + m * dy
+        out._szz = self._szz + other._szz + np.outer(dz, other._sz) + np.outer(other._sz, dz) + m * np.outer(dz, dz)
+        out._szy = self._szy + other._szy + np.outer(dz, other._sy) + np.outer(other._sz, dy) + m * np.outer(dz, dy)
+        out._syy = self._syy + other._syy + 2.0 * float(dy @ other._sy) + m * float(dy @ dy)
+        return out
+
     def solve(self, damp: float = 1e-4) -> tuple[np.ndarray, np.ndarray | None]:
         """(B [R, N], b [N] or None without bias) minimising the damped mean squared error."""
         czz, czy, lam, zbar, ybar = self._normal_equations(damp)
@@ -149,3 +171,24 @@ def _solve_psd(A: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError:
         pass
     return scipy.linalg.pinvh(A, check_finite=False) @ rhs
+
+
+class HeldOut:
+    """A ridge regression's samples split by calibration batch: batch i is held out when
+    i % 4 == 1 (the 2nd, 6th, 10th … — so two or three batches already give one), the rest fit.
+    ``parts()`` → (fit, held out, all); when either side is empty, all three are every sample."""
+
+    EVERY = 4
+
+    def __init__(self, R: int, N: int, *, bias: bool = True, name: str = "refit samples"):
+        self.fit = RidgeAccumulator(R, N, bias=bias, name=name)
+        self.held = RidgeAccumulator(R, N, bias=bias, name=name)
+
+    def update(self, batch: int, Z, Y) -> None:
+        (self.held if batch % self.EVERY == 1 else self.fit).update(Z, Y)
+
+    def parts(self) -> tuple[RidgeAccumulator, RidgeAccumulator, RidgeAccumulator]:
+        every = self.fit.combined(self.held)
+        if self.fit.n and self.held.n:
+            return self.fit, self.held, every
+        return every, every, every

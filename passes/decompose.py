@@ -43,7 +43,7 @@ from lowbit.core.errors import UserError
 from lowbit.decomp import budget as budget_mod
 from lowbit.decomp import data
 from lowbit.decomp.layers import Layer, Skip, read_layer, write_first, write_last, write_lowrank, write_tucker
-from lowbit.decomp.lstsq import RidgeAccumulator
+from lowbit.decomp.lstsq import HeldOut, RidgeAccumulator
 from lowbit.decomp.ranks import parse_rank, round_rank
 from lowbit.decomp.svd import LowRank, energy_curve, low_rank, psd_sqrt
 from lowbit.decomp.tucker import Tucker2, partial_tucker, unfold
@@ -55,8 +55,6 @@ from lowbit.passes.edit import Names
 _TUCKER_STEPS = 24
 #: at most this many candidate ranks of an SVD layer under a budget
 _SVD_STEPS = 64
-#: every this-many-th calibration batch is held out to choose the refit's damping and to check it
-_HOLD_OUT = 4
 #: ridge dampings tried by the refit (with the ``damp`` option), chosen on the held-out batches
 _DAMPS = (1e-3, 1e-2, 1e-1, 1.0)
 #: HOOI sweeps for the candidates of a budget curve (the chosen ranks get ``iterations``)
@@ -433,14 +431,12 @@ class Decompose(Pass):
         z = layer.node.inputs[0] if not joint else plan.middle.producer().inputs[0]
         y = (layer.bias_add or layer.node).outputs[0].name
         width = layer.in_features if joint else rank
-        accs = [RidgeAccumulator(width, layer.out_features, bias=layer.bias is not None, name=f"refit of '{layer.name}'")
-                for _ in range(3)]  # fit, held out, all
+        split = HeldOut(width, layer.out_features, bias=layer.bias is not None, name=f"refit of '{layer.name}'")
         rng = ctx.rng(f"{self.name}:refit:{layer.name}")
         for i, (zs, target) in enumerate(data.paired(model, z.name, original, y, ctx.calib, conv=layer.is_conv,
                                                      max_samples=self.options.samples, rng=rng)):
-            accs[1 if i % _HOLD_OUT == _HOLD_OUT - 1 else 0].update(zs, target)
-            accs[2].update(zs, target)
-        fit, held, every = accs if accs[1].n and accs[0].n else (accs[2], accs[2], accs[2])
+            split.update(i, zs, target)
+        fit, held, every = split.parts()
 
         def solve(acc: RidgeAccumulator, damp: float):
             if joint:

@@ -45,8 +45,8 @@ fine-tuning, as ThiNet's and He et al.'s channel-pruning reconstruction. Layers 
 upstream of another share one calibration sweep (``_waves``). X must come from the pruned model:
 fitting every layer from one sweep of the unrefitted pruned model (each then over-corrects for
 errors its refitted predecessors no longer make), or from the original model's kept channels
-(ThiNet's choice), dropped Lite0's agreement from 0.935 to 0.16 and 0.77. Every fourth
-calibration batch is held out: it picks the damping and the refit is kept only when it lowers
+(ThiNet's choice), dropped Lite0's agreement from 0.935 to 0.16 and 0.77. One calibration
+batch in four is held out: it picks the damping and the refit is kept only when it lowers
 the held-out error.
 """
 
@@ -63,8 +63,6 @@ from lowbit.core.errors import UserError
 from lowbit.passes.base import Pass, macs_budget, option
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "reconstruction")
-#: every this-many-th calibration batch is held out to choose the damping and to check the refit
-_HOLD_OUT = 4
 #: ridge dampings tried by the reconstruction (with ``damp``), chosen on the held-out batches
 _DAMPS = (1e-3, 1e-2, 1e-1, 1.0)
 _LINEAR = ("Conv", "Gemm", "MatMul")
@@ -397,7 +395,7 @@ class _Refit:
     """Least-squares refit of one layer reading pruned channels (see the module docstring)."""
 
     def __init__(self, node: ir.Node, cg, keep):
-        from lowbit.decomp.lstsq import RidgeAccumulator
+        from lowbit.decomp.lstsq import HeldOut
 
         self.node = node
         self.w = _const(node.inputs[1])
@@ -408,17 +406,14 @@ class _Refit:
         self.spec = (node, node.inputs[0].name, node.outputs[0].name, kernel)
         with_bias = node.op_type != "MatMul"  # a MatMul has no bias input to refit
         d, n = self.weight.shape
-        self.accs = [RidgeAccumulator(d, n, bias=with_bias, name=f"reconstruction of '{node.name}'")
-                     for _ in range(3)]  # fit, held out, all
+        self.split = HeldOut(d, n, bias=with_bias, name=f"reconstruction of '{node.name}'")
         self.row: dict = {"node": node.name}
 
     def update(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
-        y = y[:, self.kept_out] if self.kept_out is not None else y
-        self.accs[1 if index % _HOLD_OUT == _HOLD_OUT - 1 else 0].update(x, y)
-        self.accs[2].update(x, y)
+        self.split.update(index, x, y[:, self.kept_out] if self.kept_out is not None else y)
 
     def finish(self, model: ir.Model, damp: float) -> None:
-        fit, held, every = self.accs if self.accs[0].n and self.accs[1].n else (self.accs[2],) * 3
+        fit, held, every = self.split.parts()
         before = held.residual(self.weight, self.bias)
         damps = sorted({damp, *_DAMPS})
         errors = [held.residual(*fit.solve(d)) for d in damps]
