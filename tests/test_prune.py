@@ -220,3 +220,25 @@ def test_lite0_quarter_fewer_macs_keeps_agreement(lite0_path, tmp_path):
     images = imagenet_eval.eval_crops()
     agreement = imagenet_eval.top1_agreement(imagenet_eval.logits(lite0_path, images), imagenet_eval.logits(out, images))
     assert agreement >= 0.85  # the issue's bar; measured 0.935 with 64 samples
+
+
+def test_per_node_ratio_with_bn_importance_prunes_that_group_by_gamma(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "prune"\nimportance = "bn"\nlatency = true\n'
+                      '[pass.ratios]\nnode_Conv_80 = 0.5\n')
+    from lowbit.passes.pipeline import load_recipe
+
+    model = io.load(demo.model_path("digits"))
+    bn = next(n for n in model.graph if n.op_type == "BatchNormalization" and n.inputs[0].producer().name == "node_Conv_80")
+    gamma = np.abs(const_array(bn.inputs[1]))
+    ctx = Context(progress=False)
+    run_passes(model, load_recipe(recipe), ctx)
+    notes = pass_notes(ctx, "prune")
+    (row,) = notes["groups"]  # only the group of node_Conv_80's output channels
+    assert (row["channels_before"], row["channels_after"]) == (64, 32)
+    assert "out node_Conv_80" in row["members"] and "in node_linear" in row["members"]
+    # the 32 channels kept are the 32 of largest |γ|
+    kept = np.abs(const_array(next(n for n in model.graph if n.name == bn.name).inputs[1]))
+    np.testing.assert_array_equal(np.sort(kept), np.sort(gamma)[32:])
+    assert notes["latency_ms"]["before"] > 0 and notes["latency_ms"]["after"] > 0
+    assert notes["model"]["params_after"] == notes["model"]["params_before"] - 32 * (32 * 9 + 4 + 10)
