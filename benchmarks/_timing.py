@@ -44,3 +44,10 @@ def median_ms(times: list[float]) -> float:
 
 def p90_ms(times: list[float]) -> float:
     return float(np.percentile(times, 90))
+
+
+def blas_threads() -> int:
+    """The BLAS library's thread count (threadpoolctl), 1 when none is loaded."""
+    from threadpoolctl import threadpool_info
+
+    return max((info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"), default=1)

@@ -223,12 +223,6 @@ def digits(folder: pathlib.Path) -> dict:
     return result
 
 
-def _blas_threads() -> int:
-    from threadpoolctl import threadpool_info
-
-    return max((info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"), default=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "lowbit-bench",
@@ -239,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="BLAS threads while the passes run, except the cost row's first (default-threads) run")
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    result: dict = {"blas_threads": {"default": _blas_threads(), "limited": args.blas_threads}}
+    result: dict = {"blas_threads": {"default": _timing.blas_threads(), "limited": args.blas_threads}}
     claims: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-lowrank-") as tmp:
         folder = pathlib.Path(tmp)

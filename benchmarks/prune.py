@@ -262,12 +262,6 @@ def lite0(cache: pathlib.Path, folder: pathlib.Path) -> dict:
     return result
 
 
-def _blas_threads() -> int:
-    from threadpoolctl import threadpool_info
-
-    return max((info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"), default=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "lowbit-bench",
@@ -279,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result: dict = {"blas_threads": {"default": _blas_threads(), "limited": args.blas_threads}}
+    result: dict = {"blas_threads": {"default": _timing.blas_threads(), "limited": args.blas_threads}}
     claims: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-prune-") as tmp:
         folder = pathlib.Path(tmp)
