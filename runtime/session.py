@@ -26,7 +26,9 @@ _OPT_LEVELS = {
 def session_options(*, threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _OPT_LEVELS[optimization]
-    opts.log_severity_level = 3
+    # fatal only: a failing run's error reaches Python in the exception (which lowbit turns into
+    # one line); at 3 onnxruntime also printed it, multi-line and coloured, to stderr first
+    opts.log_severity_level = 4
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

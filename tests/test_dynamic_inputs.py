@@ -400,3 +400,16 @@ def test_fixed_batch_quantize_and_sensitivity(run_cli, tmp_path):
     assert json.loads(out)["layers"][0]["sqnr_db"]["8"] > 25
     specs = input_specs(io.load(path))
     assert specs[0].shape == (4, 3, 8, 8)
+
+
+def test_a_failing_run_prints_only_lowbits_line():
+    """onnxruntime's own C++ error log must not reach stderr ahead of lowbit's one-line error."""
+    import subprocess
+    import sys
+
+    script = ("import numpy as np\nfrom lowbit.runtime.session import session\nfrom lowbit.models import yolo\n"
+              "s = session(yolo.model_path())\ntry:\n    s.run(None, {'images': np.zeros((1, 3, 16, 16), np.float32)})\n"
+              "except Exception as e:\n    print('raised', 'Concat' in str(e))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "raised True"  # the reason still travels in the exception
+    assert "sequential_executor" not in done.stderr and "[E:onnxruntime" not in done.stderr, done.stderr
