@@ -73,8 +73,9 @@ class PruneOptions:
     ratio: float = option(0.0, "fraction of every prunable group's channels to remove, 0 ≤ ratio < 1")
     ratios: dict = option({}, "per-node fractions (recipe only): the name of a Conv/Gemm/MatMul whose output "
                               "channels form a prunable group → the fraction of them to remove")
-    budget: str = option("", "'macs:F': remove the least important channels over all groups until the model's "
-                             "MACs fall to F of their value (0 < F ≤ 1)")
+    budget: str = option("", "'macs:F': prune until the model's MACs fall to F of their value (0 < F ≤ 1): one ratio "
+                             "for every group, or with importance=reconstruction the least reader error per MAC "
+                             "over all groups")
     importance: str = option("l2", "channel importance: l1, l2 (weight norms), bn (BatchNormalization |γ|), "
                                    "activation (mean |activation|, needs --calib) or reconstruction "
                                    "(greedy least output error of the reading layers, needs --calib)")
