@@ -111,7 +111,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passes.edit import const_array
+from lowbit.passes.edit import attribute, const_array
 
 __all__ = ["Member", "Group", "ChannelGraph", "channel_groups", "node_label"]
 
@@ -276,13 +276,6 @@ def node_label(node: ir.Node) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Small readers
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    if attr is None or attr.is_ref():
-        return default
-    return attr.value
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -483,7 +476,7 @@ def _seed_conv(b: _Builder, node: ir.Node):
 
 
 def _gemm_axes(node: ir.Node):
-    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+    ta, tb = int(attribute(node, "transA", 0)), int(attribute(node, "transB", 0))
     a_m, a_k = (1, 0) if ta else (0, 1)
     b_k, b_n = (1, 0) if tb else (0, 1)
     return a_m, a_k, b_k, b_n
@@ -553,7 +546,7 @@ def _rule_conv(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a weight")
     if value is not bias and axis != 1:
         raise _Blocked(f"{_label(node)} mixes axis {axis} of '{value.name}'")
-    g = int(_attr(node, "group", 1))
+    g = int(attribute(node, "group", 1))
     if transpose:
         c_in, c_out = int(wa.shape[0]), int(wa.shape[1]) * g
     else:
@@ -739,7 +732,7 @@ def _rule_layernorm(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> N
     r = b.rank(x)
     if r is None:
         raise _Blocked(f"{_label(node)}: rank unknown")
-    start = int(_attr(node, "axis", -1))
+    start = int(attribute(node, "axis", -1))
     start = start + r if start < 0 else start
     if value is not x and value not in node.outputs:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
@@ -767,7 +760,7 @@ def _rule_mixing_axis(b: _Builder, node: ir.Node, value: ir.Value, axis: int) ->
         mixed = {along[0] % r}
     else:
         default = -1 if (op == "LpNormalization" or b.opset >= 13) else 1
-        k = int(_attr(node, "axis", default))
+        k = int(attribute(node, "axis", default))
         k = k + r if k < 0 else k
         mixed = {k} if (op == "LpNormalization" or b.opset >= 13) else set(range(k, r))
     if axis in mixed:
@@ -780,7 +773,7 @@ def _rule_concat(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
     r = b.rank(y)
     if r is None:
         raise _Blocked(f"{_label(node)}: rank unknown")
-    k = int(_attr(node, "axis", 0))
+    k = int(attribute(node, "axis", 0))
     k = k + r if k < 0 else k
     inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.name]
     dy = b.dim(y, axis, node)
@@ -806,7 +799,7 @@ def _rule_split(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     r = b.rank(x)
     if r is None:
         raise _Blocked(f"{_label(node)}: rank unknown")
-    k = int(_attr(node, "axis", 0))
+    k = int(attribute(node, "axis", 0))
     k = k + r if k < 0 else k
     split = _input(node, 1)
     if split is not None and split.name and b.const(split) is None:
@@ -832,8 +825,8 @@ def _rule_split(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
 def _slice_params(b: _Builder, node: ir.Node, r: int):
     """(starts, ends, axes, steps) of a Slice as int lists, or raise _Blocked."""
     if b.opset < 10:
-        starts, ends = _attr(node, "starts"), _attr(node, "ends")
-        axes = _attr(node, "axes", list(range(len(starts or []))))
+        starts, ends = attribute(node, "starts"), attribute(node, "ends")
+        axes = attribute(node, "axes", list(range(len(starts or []))))
         steps = [1] * len(starts or [])
     else:
         starts, ends = _ints(b.const(_input(node, 1))), _ints(b.const(_input(node, 2)))
@@ -875,7 +868,7 @@ def _rule_pad(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
     if b.opset < 11:
-        pads = _attr(node, "pads")
+        pads = attribute(node, "pads")
         axes = list(range(r))
     else:
         pads = _ints(b.const(_input(node, 1)))
@@ -898,13 +891,13 @@ def _rule_resize(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
     x, y, r = _unary(b, node)
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
-    if _attr(node, "coordinate_transformation_mode", "") in ("tf_crop_and_resize", b"tf_crop_and_resize"):
+    if attribute(node, "coordinate_transformation_mode", "") in ("tf_crop_and_resize", b"tf_crop_and_resize"):
         raise _Blocked(f"{_label(node)} crops (tf_crop_and_resize)")
-    axes = _attr(node, "axes")
+    axes = attribute(node, "axes")
     axes = [a + r if a < 0 else a for a in axes] if axes is not None else list(range(r))
     if node.op_type == "Upsample" or b.opset < 11:
         scales_v, sizes_v = _input(node, 1), None
-        scales = _attr(node, "scales") if scales_v is None else None
+        scales = attribute(node, "scales") if scales_v is None else None
     else:
         scales_v, sizes_v = _input(node, 2), _input(node, 3)
         scales = None
@@ -943,7 +936,7 @@ def _reduce_axes(b: _Builder, node: ir.Node, r: int) -> list[int] | None:
     """Reduced axes (normalized), [] for none; None for 'all'."""
     op = node.op_type
     if op in ("ArgMax", "ArgMin"):
-        k = int(_attr(node, "axis", 0))
+        k = int(attribute(node, "axis", 0))
         return [k + r if k < 0 else k]
     from_input = b.opset >= 18 or (op == "ReduceSum" and b.opset >= 13)
     if from_input:
@@ -955,9 +948,9 @@ def _reduce_axes(b: _Builder, node: ir.Node, r: int) -> list[int] | None:
             if axes is None:
                 raise _Blocked(f"{_label(node)}: axes are computed at run time")
     else:
-        axes = list(_attr(node, "axes", []) or [])
+        axes = list(attribute(node, "axes", []) or [])
     if not axes:
-        return [] if int(_attr(node, "noop_with_empty_axes", 0)) else None
+        return [] if int(attribute(node, "noop_with_empty_axes", 0)) else None
     return sorted(a + r if a < 0 else a for a in axes)
 
 
@@ -968,7 +961,7 @@ def _rule_reduce(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
     axes = _reduce_axes(b, node, r)
     if axes is None:
         axes = list(range(r))
-    keep = int(_attr(node, "keepdims", 1))
+    keep = int(attribute(node, "keepdims", 1))
     kept = [a for a in range(r) if a not in axes]
     if value is x:
         if axis in axes:
@@ -984,7 +977,7 @@ def _rule_reduce(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
 
 def _rule_transpose(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     x, y, r = _unary(b, node)
-    perm = list(_attr(node, "perm", list(range(r))[::-1]))
+    perm = list(attribute(node, "perm", list(range(r))[::-1]))
     if value is x:
         ax, ay = axis, perm.index(axis)
     else:
@@ -1049,7 +1042,7 @@ def _shape_entries(b: _Builder, value: ir.Value | None, depth: int = 0):
         r = b.rank(x)
         if r is None:
             return None
-        start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+        start, end = int(attribute(node, "start", 0)), attribute(node, "end", None)
         end = r if end is None else int(end)
         start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
         return [("dim", x.name, i) for i in range(max(start, 0), min(end, r))]
@@ -1110,7 +1103,7 @@ def _check_reshape_target(b: _Builder, node: ir.Node, x: ir.Value, ax: int, kind
     if entries is None or j >= len(entries):
         raise _Blocked(f"{_label(node)}: its target shape is computed at run time")
     constant = b.const(target) is not None
-    allowzero = int(_attr(node, "allowzero", 0))
+    allowzero = int(attribute(node, "allowzero", 0))
     entry = entries[j]
     ok = entry == -1
     if isinstance(entry, int) and entry > 0:
@@ -1134,7 +1127,7 @@ def _rule_gather(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None
     r, ri = b.rank(data), b.rank(idx)
     if r is None or ri is None:
         raise _Blocked(f"{_label(node)}: ranks unknown")
-    k = int(_attr(node, "axis", 0))
+    k = int(attribute(node, "axis", 0))
     k = k + r if k < 0 else k
     if value is idx:
         raise _Blocked(f"{_label(node)} uses '{value.name}' as indices")
@@ -1177,12 +1170,12 @@ def _rule_qdq(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     x, scale, zero, y = _input(node, 0), _input(node, 1), _input(node, 2), node.outputs[0]
     if value is not x and value is not y:
         raise _Blocked(f"{_label(node)} reads '{value.name}' as a parameter")
-    if int(_attr(node, "block_size", 0)):
+    if int(attribute(node, "block_size", 0)):
         raise _Blocked(f"{_label(node)} is block-quantized")
     dx, dy = b.dim(x, axis, node), b.dim(y, axis, node)
     b.same(node, dx, dy)
     r = b.rank(x)
-    q_axis = int(_attr(node, "axis", 1))
+    q_axis = int(attribute(node, "axis", 1))
     q_axis = q_axis + r if (r is not None and q_axis < 0) else q_axis
     srank = b.rank(scale)
     if srank and b.size(scale, 0) not in (1, None) and q_axis == axis:
@@ -1195,7 +1188,7 @@ def _rule_shape(b: _Builder, node: ir.Node, value: ir.Value, axis: int) -> None:
     r = b.rank(value)
     if node.op_type == "Size" or r is None:
         raise _Blocked(f"{_label(node)} reads the channel count of '{value.name}'")
-    start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+    start, end = int(attribute(node, "start", 0)), attribute(node, "end", None)
     end = r if end is None else int(end)
     start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
     if start <= axis < end and not _feeds_only_own_reshape(value, node.outputs[0]):

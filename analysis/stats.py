@@ -77,6 +77,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.analysis.report_format import format_table, human_bytes, human_count, jsonable
+from lowbit.passes.edit import attribute
 
 __all__ = [
     "infer_shapes",
@@ -295,13 +296,6 @@ def is_lowbit_domain(domain: str) -> bool:
     return domain == "lowbit" or domain.startswith("lowbit.") or domain.endswith(".lowbit")
 
 
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    if attr is None or attr.is_ref():
-        return default
-    return attr.value
-
-
 def _prod(dims) -> int:
     return int(math.prod(int(d) for d in dims))
 
@@ -326,14 +320,14 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 def _conv_macs(node, x_i, w_i, shapes, *, packed_weight=False) -> int | None:
     y = _shape_of(node.outputs[0], shapes)
     w = None if packed_weight else _shape_of(_input(node, w_i), shapes)
-    group = int(_attr(node, "group", 1))
+    group = int(attribute(node, "group", 1))
     if y is None or len(y) < 2:
         return None
     if w is not None and len(w) == len(y):
         per_out = _prod(w[1:])  # (C/g) · prod(kernel)
     else:
         x = _shape_of(_input(node, x_i), shapes)
-        kernel = _attr(node, "kernel_shape")
+        kernel = attribute(node, "kernel_shape")
         if x is None or kernel is None:
             return None
         per_out = (x[1] // group) * _prod(kernel)
@@ -353,8 +347,8 @@ def _gemm_macs(node, shapes) -> int | None:
     b = _shape_of(_input(node, 1), shapes)
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return None
-    m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
-    n = b[0] if _attr(node, "transB", 0) else b[1]
+    m, k = (a[1], a[0]) if attribute(node, "transA", 0) else a
+    n = b[0] if attribute(node, "transB", 0) else b[1]
     return m * k * n
 
 
@@ -367,9 +361,9 @@ def _matmul_macs(node, a_i, b_i, shapes) -> int | None:
             return None
         return _prod(y) * a[-1]
     if node.op_type == "FusedMatMul":
-        if _attr(node, "transA", 0) and len(a) >= 2:
+        if attribute(node, "transA", 0) and len(a) >= 2:
             a = (*a[:-2], a[-1], a[-2])
-        if _attr(node, "transB", 0) and len(b) >= 2:
+        if attribute(node, "transB", 0) and len(b) >= 2:
             b = (*b[:-2], b[-1], b[-2])
     a2 = (1, *a) if len(a) == 1 else a
     b2 = (*b, 1) if len(b) == 1 else b
@@ -381,7 +375,7 @@ def _matmul_macs(node, a_i, b_i, shapes) -> int | None:
 
 
 def _nbits_macs(node, shapes) -> int | None:
-    k, n = _attr(node, "K"), _attr(node, "N")
+    k, n = attribute(node, "K"), attribute(node, "N")
     if k is None or n is None:
         return None
     a = _shape_of(_input(node, 0), shapes)
@@ -410,7 +404,7 @@ def _einsum_macs(node, shapes) -> int | None:
     y = _shape_of(node.outputs[0], shapes)
     if any(s is None for s in inputs) or y is None:
         return None
-    parsed = _einsum_terms(str(_attr(node, "equation", "")), [len(s) for s in inputs])
+    parsed = _einsum_terms(str(attribute(node, "equation", "")), [len(s) for s in inputs])
     if parsed is None:
         return None
     terms, rhs = parsed
@@ -561,7 +555,7 @@ def _describe_weight(value: ir.Value | None) -> dict | None:
         q = _trace_to_const(node.inputs[0])
         scale = _const(_input(node, 1))
         extras = [v for v in node.inputs[1:] if v is not None and _const(v) is not None]
-        block = int(_attr(node, "block_size", 0) or 0)
+        block = int(attribute(node, "block_size", 0) or 0)
         if q is None:
             qnode = node.inputs[0].producer() if node.inputs[0] is not None else None
             if qnode is not None and qnode.op_type == "QuantizeLinear" and qnode.domain == "":
@@ -570,7 +564,7 @@ def _describe_weight(value: ir.Value | None) -> dict | None:
                     return None
                 zp = _input(qnode, 2)
                 qdtype = zp.dtype if zp is not None and zp.dtype is not None else (
-                    ir.DataType(int(_attr(qnode, "output_dtype", 0))) if _attr(qnode, "output_dtype", 0) else ir.DataType.UINT8)
+                    ir.DataType(int(attribute(qnode, "output_dtype", 0))) if attribute(qnode, "output_dtype", 0) else ir.DataType.UINT8)
                 qname = dtype_name(qdtype)
                 consts = src[1] + [v for v in qnode.inputs[1:] if v is not None and _const(v) is not None]
                 return {"kind": "fakequant", "status": f"fakequant {qname}", "stored_dtype": dtype_name(src[0].dtype),
@@ -601,25 +595,25 @@ def _describe_weight(value: ir.Value | None) -> dict | None:
 
 
 def _lowbit_weight(node: ir.Node, shapes) -> dict:
-    bits = _attr(node, "bits")
-    block = _attr(node, "block_size", _attr(node, "block"))
+    bits = attribute(node, "bits")
+    block = attribute(node, "block_size", attribute(node, "block"))
     consts = [v for v in node.inputs[1:] if v is not None and _const(v) is not None]
     codebook = "Codebook" in node.op_type or any("codebook" in k.lower() for k in node.attributes)
     if codebook:
-        k = _attr(node, "codebook_size", _attr(node, "k"))
+        k = attribute(node, "codebook_size", attribute(node, "k"))
         status = "codebook" + (f" k={k}" if k else "") + (f" bits={bits}" if bits else "")
         kind = "codebook"
     else:
         status = f"lowbit {node.op_type}" + (f" bits={bits}" if bits is not None else "") + (f" block={block}" if block else "")
         kind = "lowbit"
     shape: list[int] = []
-    if _attr(node, "K") is not None and _attr(node, "N") is not None:
-        shape = [int(_attr(node, "N")), int(_attr(node, "K"))]
+    if attribute(node, "K") is not None and attribute(node, "N") is not None:
+        shape = [int(attribute(node, "N")), int(attribute(node, "K"))]
     elif node.op_type.startswith("Conv"):
         x, y = _shape_of(_input(node, 0), shapes), _shape_of(node.outputs[0], shapes)
-        kernel = _attr(node, "kernel_shape")
+        kernel = attribute(node, "kernel_shape")
         if x is not None and y is not None and kernel is not None:
-            shape = [y[1], x[1] // int(_attr(node, "group", 1)), *kernel]
+            shape = [y[1], x[1] // int(attribute(node, "group", 1)), *kernel]
     return {"kind": kind, "status": status, "stored_dtype": dtype_name(consts[0].dtype) if consts and consts[0].dtype else None,
             "bits": int(bits) if bits is not None else None, "block": int(block) if block else None,
             "shape": shape, "initializer": consts[0].name if consts else None, "consts": consts}
@@ -630,8 +624,8 @@ def _node_weight(node: ir.Node, shapes=None) -> dict | None:
     key = (node.domain, node.op_type)
     if key in _NBITS_OPS:
         consts = [v for v in node.inputs[1:5] if v is not None and _const(v) is not None]
-        bits, block = _attr(node, "bits", 4), _attr(node, "block_size")
-        k, n = _attr(node, "K"), _attr(node, "N")
+        bits, block = attribute(node, "bits", 4), attribute(node, "block_size")
+        k, n = attribute(node, "K"), attribute(node, "N")
         return {"kind": "matmulnbits", "status": f"matmulnbits bits={bits}" + (f" block={block}" if block else ""),
                 "stored_dtype": "uint8", "bits": int(bits), "block": int(block) if block else None,
                 "shape": [int(n), int(k)] if k is not None and n is not None else [],

@@ -33,7 +33,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passes.edit import Names, const_array, new_const, set_const
+from lowbit.passes.edit import Names, attribute, const_array, new_const, set_const
 
 
 class Skip(Exception):
@@ -132,12 +132,6 @@ class Layer:
 
 # --------------------------------------------------------------------------------------------
 # Reading
-
-
-def attribute(node: ir.Node, name: str, default):
-    """The value of a node's attribute, or ``default`` when it is absent."""
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _float_weight(value: ir.Value | None, what: str) -> np.ndarray:

@@ -57,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.analysis.channels import ChannelGraph, Group, Key, _Dim, node_label
-from lowbit.passes.edit import Names, const_array, set_const
+from lowbit.passes.edit import Names, attribute, const_array, set_const
 
 __all__ = ["remove_channels", "removed_entries"]
 
@@ -185,13 +185,8 @@ class _Edit:
         set_const(self.graph, node, index, array, self.names, base)
 
 
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None or attr.is_ref() else attr.value
-
-
 def _fix_conv(e: _Edit, node: ir.Node) -> None:
-    group = int(_attr(node, "group", 1))
+    group = int(attribute(node, "group", 1))
     x = node.inputs[0]
     if group > 1 and e.changed(x, 1) and e.old(x, 1) == group:  # depthwise: one input channel per group
         node.attributes["group"] = ir.AttrInt64("group", e.new(x, 1))
@@ -200,7 +195,7 @@ def _fix_conv(e: _Edit, node: ir.Node) -> None:
 def _fix_split(e: _Edit, node: ir.Node) -> None:
     x = node.inputs[0]
     rank = e.rank(x)
-    axis = int(_attr(node, "axis", 0))
+    axis = int(attribute(node, "axis", 0))
     axis = axis + rank if axis < 0 and rank is not None else axis
     if not e.changed(x, axis):
         return
@@ -218,8 +213,8 @@ def _fix_slice(e: _Edit, node: ir.Node) -> None:
     if rank is None:
         return
     if e.opset < 10:
-        starts, ends = list(_attr(node, "starts")), list(_attr(node, "ends"))
-        axes = list(_attr(node, "axes", list(range(len(starts)))))
+        starts, ends = list(attribute(node, "starts")), list(attribute(node, "ends"))
+        axes = list(attribute(node, "axes", list(range(len(starts)))))
     else:
         starts = const_array(node.inputs[1]).reshape(-1).copy()
         ends = const_array(node.inputs[2]).reshape(-1).copy()
@@ -270,7 +265,7 @@ def _fix_resize(e: _Edit, node: ir.Node) -> None:
     rank = e.rank(x)
     if sizes is None or not sizes.size or rank is None:
         return
-    axes = _attr(node, "axes")
+    axes = attribute(node, "axes")
     axes = [a + rank if a < 0 else a for a in axes] if axes is not None else list(range(rank))
     sizes = sizes.reshape(-1).copy()
     touched = False

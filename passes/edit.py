@@ -34,6 +34,13 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def attribute(node: ir.Node, name: str, default=None):
+    """The value of a node's attribute, or ``default`` when it is absent (or a reference to a
+    function's attribute, whose value a graph pass cannot know)."""
+    attr = node.attributes.get(name)
+    return default if attr is None or attr.is_ref() else attr.value
+
+
 def owned(value: ir.Value, user: ir.Node) -> bool:
     """True if ``value`` is an initializer that only ``user`` reads, once (safe to rewrite)."""
     return (

@@ -61,6 +61,7 @@ import onnx_ir as ir
 
 from lowbit.core.errors import UserError
 from lowbit.passes.base import Pass, macs_budget, option
+from lowbit.passes.edit import attribute, const_array
 
 IMPORTANCES = ("l1", "l2", "bn", "activation", "reconstruction")
 #: ridge dampings tried by the reconstruction (with ``damp``), chosen on the held-out batches
@@ -399,7 +400,7 @@ class _Refit:
         from lowbit.decomp.lstsq import HeldOut
 
         self.node = node
-        self.w = _const(node.inputs[1])
+        self.w = const_array(node.inputs[1])
         self.weight = _as_matrix(node, self.w)  # [D, N] in x·W layout
         self.bias = _bias(node, self.weight.shape[1])
         self.kept_out = _kept(cg, keep, node, "out")
@@ -444,12 +445,6 @@ def _reasons(blocked) -> list[str]:
 
 def _describe(g) -> list[str]:
     return sorted({f"{m.role} {m.node}" for m in g.members if m.role != "act"})
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    from lowbit.passes.edit import const_array
-
-    return const_array(value)
 
 
 def _layers(model: ir.Model, cg, groups) -> dict[str, _Layer]:
@@ -548,7 +543,7 @@ def _weight_scores(model: ir.Model, cg, g, p: int) -> np.ndarray:
     parts = []
     for m in g.members:
         if m.role in ("out", "in"):
-            array = _const(values.get(m.tensor))
+            array = const_array(values.get(m.tensor))
             if array is not None and np.issubdtype(array.dtype, np.floating):
                 parts.append(_member_norms(cg, g, m, array, p))
     return _normalised_sum(parts, g.size) if parts else np.ones(g.size)
@@ -562,7 +557,7 @@ def _bn_scores(model: ir.Model, g) -> np.ndarray | None:
         node = by_name.get(m.node)
         if m.role == "param" and node is not None and node.op_type == "BatchNormalization" \
                 and node.inputs[1] is not None and node.inputs[1].name == m.tensor:
-            gamma = np.abs(_const(node.inputs[1]).astype(np.float64).reshape(-1))
+            gamma = np.abs(const_array(node.inputs[1]).astype(np.float64).reshape(-1))
             parts.append(gamma[list(m.indices)])
     return _normalised_sum(parts, g.size) if parts else None
 
@@ -606,7 +601,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
         for m in g.members:
             node = by_name.get(m.node)
             if m.role == "in" and not m.fold and m.node not in readers and node is not None and _refittable(node):
-                readers[m.node] = (node, _as_matrix(node, _const(node.inputs[1])))
+                readers[m.node] = (node, _as_matrix(node, const_array(node.inputs[1])))
     accs = {name: HessianAccumulator(w.shape[0], f"input of '{name}'") for name, (_, w) in readers.items()}
     rng = ctx.rng("prune:reconstruction-importance")
     inputs = {name: node.inputs[0].name for name, (node, _) in readers.items()}
@@ -615,7 +610,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
         for name, (node, w) in readers.items():
             x = batch[inputs[name]]
             if node.op_type == "Conv":
-                rows = patch_rows(node, x, tuple(_const(node.inputs[1]).shape[2:]), rng)[0]
+                rows = patch_rows(node, x, tuple(const_array(node.inputs[1]).shape[2:]), rng)[0]
             else:
                 rows = x.reshape(-1, w.shape[0])
                 if rows.shape[0] > 4096:
@@ -629,7 +624,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
             if m.role != "in" or m.fold or m.node not in readers:
                 continue
             node, w = readers[m.node]
-            per = math.prod(_const(node.inputs[1]).shape[2:]) if node.op_type == "Conv" else 1
+            per = math.prod(const_array(node.inputs[1]).shape[2:]) if node.op_type == "Conv" else 1
             rows, owner = [], []
             for j in range(g.size):
                 for i in cg.positions(g, m, [j]):
@@ -670,12 +665,12 @@ def _refittable(node: ir.Node) -> bool:
     """A group-1 Conv, Gemm (transA 0) or MatMul reading a constant float weight (its second input)."""
     if node.op_type not in _LINEAR or len(node.inputs) < 2 or node.inputs[0] is None:
         return False
-    if node.op_type == "Conv" and int(_attribute(node, "group", 1)) != 1:
+    if node.op_type == "Conv" and int(attribute(node, "group", 1)) != 1:
         return False
-    if node.op_type == "Gemm" and int(_attribute(node, "transA", 0)):
+    if node.op_type == "Gemm" and int(attribute(node, "transA", 0)):
         return False
-    w = _const(node.inputs[1])
-    if w is None or _const(node.inputs[0]) is not None or not np.issubdtype(w.dtype, np.floating):
+    w = const_array(node.inputs[1])
+    if w is None or const_array(node.inputs[0]) is not None or not np.issubdtype(w.dtype, np.floating):
         return False
     return node.op_type == "Conv" or w.ndim == 2
 
@@ -686,28 +681,23 @@ def _consumers(model: ir.Model, cg, keep) -> list[str]:
     return [node.name for node in model.graph if node.name in names and _refittable(node)]
 
 
-def _attribute(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _as_matrix(node: ir.Node, w: np.ndarray) -> np.ndarray:
     """The weight as [D, N] in x·W layout (Conv: D = C·∏k in ``K.reshape(N, -1)`` order)."""
     w = w.astype(np.float64)
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     if node.op_type == "Gemm":
-        w = w * float(_attribute(node, "alpha", 1.0))
-        return w.T if int(_attribute(node, "transB", 0)) else w
+        w = w * float(attribute(node, "alpha", 1.0))
+        return w.T if int(attribute(node, "transB", 0)) else w
     return w
 
 
 def _bias(node: ir.Node, n: int) -> np.ndarray:
     if node.op_type == "MatMul" or len(node.inputs) < 3 or node.inputs[2] is None:
         return np.zeros(n)
-    b = _const(node.inputs[2]).astype(np.float64).reshape(-1)
+    b = const_array(node.inputs[2]).astype(np.float64).reshape(-1)
     if node.op_type == "Gemm":
-        b = b * float(_attribute(node, "beta", 1.0))
+        b = b * float(attribute(node, "beta", 1.0))
     return np.broadcast_to(b, (n,)).copy()
 
 
@@ -736,8 +726,8 @@ def _write(model: ir.Model, node: ir.Node, w: np.ndarray, new_w: np.ndarray, new
     if node.op_type == "Conv":
         array = new_w.T.reshape(w.shape)
     elif node.op_type == "Gemm":
-        array = new_w / float(_attribute(node, "alpha", 1.0))
-        array = array.T if int(_attribute(node, "transB", 0)) else array
+        array = new_w / float(attribute(node, "alpha", 1.0))
+        array = array.T if int(attribute(node, "transB", 0)) else array
     else:
         array = new_w
     set_const(model.graph, node, 1, np.ascontiguousarray(array, dtype=w.dtype), names, node.inputs[1].name)
@@ -745,7 +735,7 @@ def _write(model: ir.Model, node: ir.Node, w: np.ndarray, new_w: np.ndarray, new
         return
     b = new_b.astype(w.dtype)
     if node.op_type == "Gemm":
-        beta = float(_attribute(node, "beta", 1.0))
+        beta = float(attribute(node, "beta", 1.0))
         if beta == 0:
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         else:
