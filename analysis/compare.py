@@ -29,7 +29,7 @@ from lowbit.analysis.report_format import format_number, format_table, human_byt
 from lowbit.core.errors import UserError
 from lowbit.core.metrics import WORST, compare_arrays
 
-__all__ = ["measure_latency", "compare_models", "format_compare"]
+__all__ = ["measure_latency", "random_input_latency_ms", "compare_models", "format_compare"]
 
 Feed = dict[str, np.ndarray]
 
@@ -56,6 +56,14 @@ def _summary(times_ns: list[int]) -> dict[str, float]:
         "min_ms": float(np.min(ms)),
         "runs": int(ms.size),
     }
+
+
+def random_input_latency_ms(model: ir.Model, rng: np.random.Generator, *, runs: int = 20, threads: int = 2) -> float:
+    """Median milliseconds of ``model`` on one random sample of its inputs (``random_feed``),
+    as passes report latency before and after they rewrite a model."""
+    from lowbit.core.calib import input_specs, random_feed
+
+    return measure_latency(model, random_feed(input_specs(model), 1, rng), runs=runs, threads=threads)["median_ms"]
 
 
 def measure_latency(target, feed: Mapping[str, np.ndarray], *, warmup: int = 3, runs: int = 10,

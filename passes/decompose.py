@@ -348,7 +348,7 @@ class Decompose(Pass):
         m = svd.first[:, :r] @ svd.second[:r]
         return m.T.reshape(layer.w.shape) if layer.is_conv else m
 
-    def _sensitivities(self, model: ir.Model, layers: list[Layer], curves, moments, ctx) -> list[float]:
+    def _sensitivities(self, model: ir.Model, layers: list[Layer], curves, moments, ctx) -> list:
         """Model output error² per unit of each layer's relative output error², measured.
 
         A layer's curve is in its own units (relative error² of that layer's output); what the
@@ -541,8 +541,6 @@ def _as_ranks(value, layer: Layer, pass_name: str) -> tuple[int, ...]:
 
 
 def _latency(model: ir.Model, ctx) -> float:
-    from lowbit.analysis.compare import measure_latency
-    from lowbit.core.calib import input_specs, random_feed
+    from lowbit.analysis.compare import random_input_latency_ms
 
-    feed = random_feed(input_specs(model), 1, ctx.rng("decompose:latency"))
-    return measure_latency(model, feed, runs=20, threads=2)["median_ms"]
+    return random_input_latency_ms(model, ctx.rng("decompose:latency"))

@@ -154,11 +154,11 @@ class Prune(Pass):
             ctx.note("pruned_groups", 0)
             ctx.note("reason", "no prunable channel group: the model is unchanged")
             return False
-        self._check_ratios(model, cg, groups)
+        ratio_of = self._group_ratios(model, cg, groups)
         before = model_stats(model)
         layers = _layers(model, cg, groups)
-        scores = self._importance(model, cg, groups, ctx)
-        counts = self._plan(groups, layers, scores, before.macs, ctx)
+        scores, costs, fallback = self._importance(model, cg, groups, ctx)
+        counts = self._plan(groups, layers, ratio_of, costs, before.macs, ctx)
         keep, rows = {}, []
         for g in groups:
             cut = counts[g.id]
@@ -177,17 +177,15 @@ class Prune(Pass):
         latency_before = _latency(model, ctx) if o.latency else None
         consumers = _consumers(model, cg, keep)
         remove_channels(model, cg, keep)
-        refits = []
-        if reconstruct:
-            refits = self._reconstruct(model, original, consumers, cg, keep, ctx)
+        refits, sweeps = self._reconstruct(model, original, consumers, cg, keep, ctx) if reconstruct else ([], 0)
         after = model_stats(model)
-        ctx.note("importance", o.importance if not getattr(self, "_fallback", None) else
-                 f"{o.importance} (l2 for {len(self._fallback)} groups without BatchNormalization)")
+        ctx.note("importance", o.importance if not fallback else
+                 f"{o.importance} (l2 for {len(fallback)} groups without BatchNormalization)")
         ctx.note("groups", rows)
         ctx.note("pruned_groups", len(rows))
         ctx.note("reconstructed", refits)
         if reconstruct:
-            ctx.note("reconstruction_sweeps", self._sweeps)
+            ctx.note("reconstruction_sweeps", sweeps)
         ctx.note("model", {"macs_before": before.macs, "macs_after": after.macs,
                            "macs_ratio": round(after.macs / max(before.macs, 1), 4),
                            "params_before": before.params, "params_after": after.params,
@@ -200,9 +198,10 @@ class Prune(Pass):
 
     # ---- how many ------------------------------------------------------------------------
 
-    def _check_ratios(self, model: ir.Model, cg, groups) -> None:
-        """Every node of ``ratios`` must produce the output channels of a prunable group."""
-        self._node_group: dict[str, int] = {}
+    def _group_ratios(self, model: ir.Model, cg, groups) -> dict[int, float]:
+        """The ``ratios`` of the groups their nodes produce; every node named must produce the
+        output channels of a prunable group."""
+        ratio_of: dict[int, float] = {}
         prunable = {g.id for g in groups}
         by_node = {n.name: n for n in model.graph}
         for name in self.options.ratios:
@@ -218,20 +217,16 @@ class Prune(Pass):
                 raise UserError(f"option 'ratios' of pass prune names node '{name}', whose output channels cannot be "
                                 f"pruned: {bad[0].reason}")
             for g in owner:
-                self._node_group[g.id] = name
+                ratio_of[g.id] = self.options.ratios[name]
+        return ratio_of
 
-    def _plan(self, groups, layers: dict[str, _Layer], scores, model_macs: int, ctx) -> dict[int, int]:
+    def _plan(self, groups, layers: dict[str, _Layer], ratio_of: dict[int, float], costs, model_macs: int,
+              ctx) -> dict[int, int]:
         """Channels to remove per group id."""
         o = self.options
         fraction = o.budget_fraction()
         if fraction is None:
-            counts = {}
-            for g in groups:
-                node = getattr(self, "_node_group", {}).get(g.id)
-                ratio = o.ratios[node] if node is not None else o.ratio
-                counts[g.id] = self._feasible(g, g.size - math.floor(ratio * g.size))
-            return counts
-        costs = getattr(self, "_costs", None)
+            return {g.id: self._feasible(g, g.size - math.floor(ratio_of.get(g.id, o.ratio) * g.size)) for g in groups}
         if costs and all(g.id in costs for g in groups):
             return self._budget(groups, layers, costs, model_macs, fraction, ctx)
         return self._uniform(groups, layers, model_macs, fraction, ctx)
@@ -285,7 +280,6 @@ class Prune(Pass):
         the least reader error per MAC saved, until the MACs reach the target."""
         target = fraction * model_macs
         counts = {g.id: 0 for g in groups}
-        order = costs
         touched = {g.id: _touch(g, layers) for g in groups}
         total = float(model_macs)
 
@@ -298,60 +292,57 @@ class Prune(Pass):
             chunk = nxt - done
             return chunk, touched[g.id].saving(chunk)
 
-        heap = []
-        for g in groups:
+        heap: list[tuple[float, int, int]] = []
+
+        def push(g) -> None:
+            """Queue the group's next chunk at its reader error per MAC saved."""
             s = step(g)
             if s is not None and s[1] > 0:
-                cost = float(np.sum(order[g.id][counts[g.id]:counts[g.id] + s[0]]))
-                heap.append((cost / s[1], g.id))
-        heapq.heapify(heap)
+                done = counts[g.id]
+                heapq.heappush(heap, (float(np.sum(costs[g.id][done:done + s[0]])) / s[1], g.id, s[0]))
+
         by_id = {g.id: g for g in groups}
+        for g in groups:
+            push(g)
         while total > target and heap:
-            _, gid = heapq.heappop(heap)
-            g = by_id[gid]
-            s = step(g)
-            if s is None:
-                continue
-            chunk, _ = s
+            _, gid, chunk = heapq.heappop(heap)
             before = touched[gid].macs()
             touched[gid].cut(chunk)
             total -= before - touched[gid].macs()
             counts[gid] += chunk
-            s = step(g)
-            if s is not None and s[1] > 0:
-                cost = float(np.sum(order[gid][counts[gid]:counts[gid] + s[0]]))
-                heapq.heappush(heap, (cost / s[1], gid))
+            push(by_id[gid])
         return self._note_budget(counts, total, target, model_macs, ctx)
 
     # ---- which ---------------------------------------------------------------------------
 
-    def _importance(self, model: ir.Model, cg, groups, ctx) -> dict[int, np.ndarray]:
+    def _importance(self, model: ir.Model, cg, groups, ctx):
+        """(scores per group id, reader-error costs per group id — importance=reconstruction
+        only, else empty —, ids of the groups that fell back to l2 under importance=bn)."""
         kind = self.options.importance
-        self._fallback = []
-        if kind in ("l1", "l2", "bn"):
-            out = {}
-            for g in groups:
-                s = _bn_scores(model, g) if kind == "bn" else None
-                if s is None:
-                    if kind == "bn":
-                        self._fallback.append(g.id)
-                    s = _weight_scores(model, cg, g, 1 if kind == "l1" else 2)
-                out[g.id] = s
-            return out
         if kind == "activation":
-            return _activation_scores(model, cg, groups, ctx, self.options.samples)
-        scores, self._costs = _reconstruction_scores(model, cg, groups, ctx, self.options.samples)
-        return scores
+            return _activation_scores(model, cg, groups, ctx, self.options.samples), {}, []
+        if kind == "reconstruction":
+            return (*_reconstruction_scores(model, cg, groups, ctx, self.options.samples), [])
+        out, fallback = {}, []
+        for g in groups:
+            s = _bn_scores(model, g) if kind == "bn" else None
+            if s is None:
+                if kind == "bn":
+                    fallback.append(g.id)
+                s = _weight_scores(model, cg, g, 1 if kind == "l1" else 2)
+            out[g.id] = s
+        return out, {}, fallback
 
     # ---- reconstruction ------------------------------------------------------------------
 
-    def _reconstruct(self, model: ir.Model, original: ir.Model, consumers: list[str], cg, keep, ctx) -> list[dict]:
+    def _reconstruct(self, model: ir.Model, original: ir.Model, consumers: list[str], cg, keep,
+                     ctx) -> tuple[list[dict], int]:
+        """Refit every consumer, wave by wave; (report rows, number of calibration sweeps)."""
         from lowbit.decomp.data import paired_many
 
         by_name = {n.name: n for n in model.graph}
         refits = [_Refit(by_name[name], cg, keep) for name in consumers]
         waves = _waves(model, refits)
-        self._sweeps = len(waves)
         for wave in ctx.track(waves, "prune: reconstruction"):
             rngs = [ctx.rng(f"prune:reconstruct:{r.node.name}") for r in wave]
             pairs = paired_many(model, original, [r.spec for r in wave], ctx.calib,
@@ -361,14 +352,7 @@ class Prune(Pass):
                     r.update(i, *pair)
             for r in wave:
                 r.finish(model, self.options.damp)
-        return [r.row for r in refits]
-        for r in ctx.track(refits, "prune: reconstruction"):
-            rng = ctx.rng(f"prune:reconstruct:{r.node.name}")
-            pairs = paired_many(model, original, [r.spec], ctx.calib, max_samples=self.options.samples, rngs=[rng])
-            for i, (pair,) in enumerate(pairs):
-                r.update(i, *pair)
-            r.finish(model, self.options.damp)
-        return [r.row for r in refits]
+        return [r.row for r in refits], len(waves)
 
 
 def _waves(model: ir.Model, refits: list["_Refit"]) -> list[list["_Refit"]]:
@@ -403,7 +387,7 @@ class _Refit:
         self.w = const_array(node.inputs[1])
         self.weight = _as_matrix(node, self.w)  # [D, N] in x·W layout
         self.bias = _bias(node, self.weight.shape[1])
-        self.kept_out = _kept(cg, keep, node, "out")
+        self.kept_out = _kept_outputs(cg, keep, node)
         kernel = tuple(self.w.shape[2:]) if node.op_type == "Conv" else None
         self.spec = (node, node.inputs[0].name, node.outputs[0].name, kernel)
         with_bias = node.op_type != "MatMul"  # a MatMul has no bias input to refit
@@ -701,15 +685,15 @@ def _bias(node: ir.Node, n: int) -> np.ndarray:
     return np.broadcast_to(b, (n,)).copy()
 
 
-def _kept(cg, keep, node: ir.Node, role: str) -> np.ndarray | None:
-    """Indices of the original output (``role="out"``) channels of a node's weight that pruning
-    keeps; None when none of them was removed."""
+def _kept_outputs(cg, keep, node: ir.Node) -> np.ndarray | None:
+    """Indices of the original output channels of a node that pruning keeps; None when none of
+    them was removed."""
     removed, full = set(), None
     for gid, kept in keep.items():
         g = cg.groups[gid]
         gone = sorted(set(range(g.size)) - set(kept))
         for m in g.members:
-            if m.role == role and m.node == node.name:
+            if m.role == "out" and m.node == node.name:
                 removed.update(cg.positions(g, m, gone))
                 full = cg.dims[(m.tensor, m.axis)].size
     if not removed:
@@ -748,8 +732,6 @@ def _write(model: ir.Model, node: ir.Node, w: np.ndarray, new_w: np.ndarray, new
 
 
 def _latency(model: ir.Model, ctx) -> float:
-    from lowbit.analysis.compare import measure_latency
-    from lowbit.core.calib import input_specs, random_feed
+    from lowbit.analysis.compare import random_input_latency_ms
 
-    feed = random_feed(input_specs(model), 1, ctx.rng("prune:latency"))
-    return measure_latency(model, feed, runs=20, threads=2)["median_ms"]
+    return random_input_latency_ms(model, ctx.rng("prune:latency"))
