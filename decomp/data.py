@@ -7,11 +7,12 @@ at an output position, and Σ is estimated from a seeded random subset of at mos
 positions per calibration batch, enough for the D×D moment (D = C·∏k) without materialising
 every patch. Strides, dilations and zero padding (explicit or SAME) are honoured.
 
-The refit needs, on the same calibration inputs, the decomposed model's input to the last factor
-(Z) and the original model's output of the layer (Y). ``paired`` runs two truncated copies —
-the current model cut at Z and the original cut at Y, each keeping only the nodes those values
-need — in lockstep over the calibration batches, yielding row-aligned (Z, Y) matrices with
-channels last (positions subsampled the same way for both).
+A refit needs, on the same calibration inputs, a layer's input in the current (decomposed or
+pruned) model (Z) and its output in the original model (Y). ``paired_many`` runs two truncated
+copies — the current model cut at the layers' inputs and the original cut at their outputs, each
+keeping only the nodes those values need — in lockstep over the calibration batches, yielding
+row-aligned (Z, Y) matrices per layer (``reduction_rows``: Z's im2col patches or rows, and Y,
+channels last, at the same positions); ``paired_patches`` is the one-layer form.
 """
 
 from __future__ import annotations
@@ -54,10 +55,22 @@ def conv_geometry(node: ir.Node, in_spatial: tuple[int, ...], kernel: tuple[int,
 
 def layer_rows(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Rows of the layer's reduction input [S, D] from its input tensor ``x`` (one batch)."""
-    if not layer.is_conv:
-        rows = x.reshape(-1, layer.in_features)
-        return _subsample(rows, rng)
-    return patch_rows(layer.node, x, layer.kernel, rng)[0]
+    return reduction_rows(layer.node, x, layer.kernel if layer.is_conv else None, rng)[0]
+
+
+def reduction_rows(node: ir.Node, x: np.ndarray, kernel: tuple[int, ...] | None, rng: np.random.Generator,
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """At most ``ROWS`` seeded rows [S, D] of what a layer reduces over, from its input ``x``:
+    im2col patches of a Conv (``kernel`` given, see ``patch_rows``) or the rows of a Gemm/MatMul
+    input (``kernel`` None); and which output rows they belong to (flat indices into the output
+    read channels last; None: all of them, in order)."""
+    if kernel is not None:
+        return patch_rows(node, x, kernel, rng)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= ROWS:
+        return rows, None
+    pick = np.sort(rng.choice(rows.shape[0], ROWS, replace=False))
+    return rows[pick], pick
 
 
 def patch_rows(node: ir.Node, x: np.ndarray, kernel: tuple[int, ...], rng: np.random.Generator,
@@ -79,12 +92,6 @@ def patch_rows(node: ir.Node, x: np.ndarray, kernel: tuple[int, ...], rng: np.ra
     return np.stack(columns, axis=2).reshape(len(pick), -1), pick
 
 
-def _subsample(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if rows.shape[0] <= ROWS:
-        return rows
-    return rows[np.sort(rng.choice(rows.shape[0], ROWS, replace=False))]
-
-
 def channels_last(a: np.ndarray, conv: bool) -> np.ndarray:
     """[B, C, …] → [B·…, C] for Conv activations; [..., C] → [-1, C] otherwise."""
     if conv:
@@ -103,23 +110,6 @@ def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
         copy.graph.outputs.append(values[name])
     RemoveUnusedNodesPass()(copy)
     return copy
-
-
-def paired(current: ir.Model, z_name: str, original: ir.Model, y_name: str, calib, *, conv: bool,
-           max_samples: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Row-aligned (Z [S, R], Y [S, N]) from the two models over the calibration batches."""
-    sess_z = session(truncated(current, [z_name]), optimization="basic")
-    sess_y = session(truncated(original, [y_name]), optimization="basic")
-    inputs_z = {i.name for i in sess_z.get_inputs()}
-    inputs_y = {i.name for i in sess_y.get_inputs()}
-    for feed in limit_samples(calib, max_samples):
-        (z,) = sess_z.run([z_name], {k: v for k, v in feed.items() if k in inputs_z})
-        (y,) = sess_y.run([y_name], {k: v for k, v in feed.items() if k in inputs_y})
-        z, y = channels_last(z, conv), channels_last(y, conv)
-        if z.shape[0] > ROWS:
-            pick = np.sort(rng.choice(z.shape[0], ROWS, replace=False))
-            z, y = z[pick], y[pick]
-        yield z, y
 
 
 def paired_patches(current: ir.Model, x_name: str, original: ir.Model, y_name: str, calib, *, node: ir.Node,
@@ -149,14 +139,7 @@ def paired_many(current: ir.Model, original: ir.Model, layers: list[tuple[ir.Nod
         ys = dict(zip(y_names, sess_y.run(y_names, {k: v for k, v in feed.items() if k in inputs_y})))
         out = []
         for (node, x_name, y_name, kernel), rng in zip(layers, rngs):
-            x, y = xs[x_name], ys[y_name]
-            if kernel is None:
-                rows, y_rows = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                if rows.shape[0] > ROWS:
-                    pick = np.sort(rng.choice(rows.shape[0], ROWS, replace=False))
-                    rows, y_rows = rows[pick], y_rows[pick]
-                out.append((rows, y_rows))
-            else:
-                rows, pick = patch_rows(node, x, kernel, rng)
-                out.append((rows, channels_last(y, True)[pick]))
+            rows, pick = reduction_rows(node, xs[x_name], kernel, rng)
+            y = channels_last(ys[y_name], kernel is not None)
+            out.append((rows, y if pick is None else y[pick]))
         yield out

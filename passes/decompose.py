@@ -428,13 +428,15 @@ class Decompose(Pass):
         the last factor's input Z). Kept only when it lowers the output error."""
         layer, rank = plan.layer, plan.last.shape[0]
         joint = not layer.spatial and not (layer.is_conv and _moves_positions(plan.middle.producer()))
-        z = layer.node.inputs[0] if not joint else plan.middle.producer().inputs[0]
+        reader = plan.middle.producer() if joint else layer.node  # a 1×1 Conv when a Conv: rows are positions
+        z = reader.inputs[0]
         y = (layer.bias_add or layer.node).outputs[0].name
         width = layer.in_features if joint else rank
         split = HeldOut(width, layer.out_features, bias=layer.bias is not None, name=f"refit of '{layer.name}'")
         rng = ctx.rng(f"{self.name}:refit:{layer.name}")
-        for i, (zs, target) in enumerate(data.paired(model, z.name, original, y, ctx.calib, conv=layer.is_conv,
-                                                     max_samples=self.options.samples, rng=rng)):
+        kernel = (1,) * len(layer.kernel) if layer.is_conv else None
+        for i, (zs, target) in enumerate(data.paired_patches(model, z.name, original, y, ctx.calib, node=reader,
+                                                             kernel=kernel, max_samples=self.options.samples, rng=rng)):
             split.update(i, zs, target)
         fit, held, every = split.parts()
 

@@ -575,7 +575,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
     """ThiNet-style greedy order (see the module docstring): per group, the score of a channel
     is its position in the removal order (1 = removed first), and the error each successive
     removal adds. Groups no reading layer measures fall back to ``l2`` (no costs)."""
-    from lowbit.decomp.data import patch_rows
+    from lowbit.decomp.data import reduction_rows
     from lowbit.quant.capture import capture
     from lowbit.quant.gptq import HessianAccumulator
 
@@ -592,14 +592,8 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
     for batch in ctx.track(capture(model, sorted(set(inputs.values())), ctx.calib, max_samples=samples),
                            "prune: reader moments"):
         for name, (node, w) in readers.items():
-            x = batch[inputs[name]]
-            if node.op_type == "Conv":
-                rows = patch_rows(node, x, tuple(const_array(node.inputs[1]).shape[2:]), rng)[0]
-            else:
-                rows = x.reshape(-1, w.shape[0])
-                if rows.shape[0] > 4096:
-                    rows = rows[np.sort(rng.choice(rows.shape[0], 4096, replace=False))]
-            accs[name].update(rows)
+            kernel = tuple(const_array(node.inputs[1]).shape[2:]) if node.op_type == "Conv" else None
+            accs[name].update(reduction_rows(node, batch[inputs[name]], kernel, rng)[0])
     sigma = {name: acc.H() for name, acc in accs.items()}
     out, costs = {}, {}
     for g in groups:
