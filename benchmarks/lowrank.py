@@ -81,7 +81,7 @@ from threadpoolctl import threadpool_limits
 from lowbit.core import io
 from lowbit.core.calib import input_specs
 from lowbit.core.compile import compress
-from lowbit.models import demo, efficientnet_lite0, evaluate, imagenet_eval, synthetic
+from lowbit.models import data, demo, efficientnet_lite0, evaluate, imagenet_eval, synthetic
 
 import _timing  # benchmarks/_timing.py: a script's folder is on sys.path
 
@@ -212,7 +212,7 @@ def digits(folder: pathlib.Path) -> dict:
     src = demo.model_path("digits")
     (spec,) = input_specs(io.load(src))
     calib = folder / "digits_calib.npz"
-    np.savez(calib, **{spec.name: np.load(src.parent / "digits_data.npz")["x_calib"]})
+    np.savez(calib, **{spec.name: data.digits_calib()})
     result = {"float_top1": round(evaluate.digits_top1(str(src)), 4)}
     for name, pipeline in DIGITS_PIPELINES.items():
         out = folder / f"digits_{name}.onnx"

@@ -68,10 +68,9 @@ def array_calibration(model: ir.Model, data: dict[str, np.ndarray], batch: int =
 
 def digits_calibration(model: ir.Model, batch: int = 16) -> Calibration:
     """The digits CNN's 256 calibration images (``x_calib``) as in-memory calibration data."""
-    from lowbit.models import demo
+    from lowbit.models import data
 
-    x = np.load(demo.model_path("digits").parent / "digits_data.npz")["x_calib"]
-    return array_calibration(model, {model.graph.inputs[0].name: x}, batch=batch)
+    return array_calibration(model, {model.graph.inputs[0].name: data.digits_calib()}, batch=batch)
 
 
 def digits_top1_of(model: ir.Model, folder: Path) -> float:

@@ -35,6 +35,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from lowbit.analysis.channels import ChannelGraph, channel_groups
 from lowbit.core import io
+from lowbit.models import data
 from lowbit.passes.channel_edit import remove_channels, removed_entries
 from lowbit.runtime.session import session
 
@@ -216,7 +217,7 @@ def test_digits_groups():
 
 def test_digits_exact_removal():
     model = io.load(MODELS / "digits_cnn.onnx")
-    x = np.load(MODELS / "digits_data.npz")["x_test"][:64].astype(np.float32)
+    x = data.digits_eval_set()[0][:64]
     cg, keep, err = _exact_after_removal(model, {"input": x})
     assert len(keep) == 4
     weights = {n.name: n.inputs[1].const_value.shape for n in model.graph if n.op_type == "Conv"}

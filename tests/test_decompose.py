@@ -28,7 +28,7 @@ from helpers import array_calibration, digits_calibration, digits_top1_of, pass_
 
 from lowbit.core import io
 from lowbit.decomp.budget import Candidate, allocate, lower_hull
-from lowbit.models import demo, evaluate, imagenet_eval
+from lowbit.models import data, demo, evaluate, imagenet_eval
 from lowbit.runtime.session import session
 
 
@@ -49,7 +49,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_full_rank_tucker_and_svd_are_exact_on_digits():
     model = io.load(demo.model_path("digits"))
     run_pipeline(model, "fold-bn")
-    feed = {model.graph.inputs[0].name: np.load(demo.model_path("digits").parent / "digits_data.npz")["x_test"][:64]}
+    feed = {model.graph.inputs[0].name: data.digits_eval_set()[0][:64]}
     ref = _outputs(model, feed)
     ctx = run_pipeline(model, "tucker(rank=ratio:1.0,only_smaller=false,linear=true)")
     notes = pass_notes(ctx, "tucker")

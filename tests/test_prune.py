@@ -21,7 +21,7 @@ from lowbit.analysis.channels import channel_groups
 from lowbit.analysis.stats import model_stats
 from lowbit.core import io
 from lowbit.core.context import Context
-from lowbit.models import demo, evaluate, imagenet_eval, yolo
+from lowbit.models import data, demo, evaluate, imagenet_eval, yolo
 from lowbit.passes.edit import const_array
 from lowbit.passes.manager import run_passes
 from lowbit.runtime.session import session
@@ -64,7 +64,7 @@ def _plant_zeros(model: ir.Model, ratio: float, seed: int = 0) -> int:
 def test_digits_planted_zeros_are_removed_exactly():
     model = io.load(demo.model_path("digits"))
     planted = _plant_zeros(model, 0.25)
-    x = np.load(demo.model_path("digits").parent / "digits_data.npz")["x_test"][:64]
+    x = data.digits_eval_set()[0][:64]
     feed = {model.graph.inputs[0].name: x}
     before = session(model, optimization="disable").run(None, feed)[0]
     params = model_stats(model).params
