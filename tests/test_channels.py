@@ -21,7 +21,6 @@ elements whose output channel is in a prunable group):
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import time
@@ -438,14 +437,21 @@ def test_yolo_style_reshape_with_runtime_target():
 # real models
 
 
-def test_lite0_exact_removal(lite0_path):
-    model = io.load(lite0_path)
+def _analysed(model: ir.Model, label: str) -> tuple[ChannelGraph, float]:
+    """The channel groups of a real model and its share of prunable conv parameters; prints the
+    counts and the analysis time (reported, not asserted)."""
     t0 = time.perf_counter()
     cg = channel_groups(model)
     seconds = time.perf_counter() - t0
     share = _prunable_conv_share(model, cg)
-    print(f"Lite0: {len(cg.groups)} groups, {len(cg.prunable())} prunable, "
+    print(f"{label}: {len(cg.groups)} groups, {len(cg.prunable())} prunable, "
           f"{100 * share:.1f}% of conv parameters prunable, analysis {seconds:.2f} s")
+    return cg, share
+
+
+def test_lite0_exact_removal(lite0_path):
+    model = io.load(lite0_path)
+    cg, share = _analysed(model, "Lite0")
     assert len(cg.groups) == 26 and len(cg.prunable()) == 24
     assert not cg.group_of("input", 1, 0).prunable and not cg.group_of("_fc.weight", 0, 0).prunable
     dw = cg.group_of("_blocks.1._depthwise_conv.weight", 0, 0)  # expand, BN, Clip, Pad, depthwise, BN
@@ -458,24 +464,9 @@ def test_lite0_exact_removal(lite0_path):
     assert dw_node.attributes["group"].value == 96 - int(96 * 0.3)
 
 
-def _yolo_path() -> Path:
-    spec = importlib.util.find_spec("nudenet")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("nudenet (which ships YOLOv8n as 320n.onnx) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-def test_yolov8n_groups_and_exact_removal():
-    model = io.load(_yolo_path())
-    t0 = time.perf_counter()
-    cg = channel_groups(model)
-    seconds = time.perf_counter() - t0
-    share = _prunable_conv_share(model, cg)
-    print(f"YOLOv8n: {len(cg.groups)} groups, {len(cg.prunable())} prunable, "
-          f"{100 * share:.1f}% of conv parameters prunable, analysis {seconds:.2f} s")
+def test_yolov8n_groups_and_exact_removal(yolo_path):
+    model = io.load(yolo_path)
+    cg, share = _analysed(model, "YOLOv8n")
     assert len(cg.prunable()) >= 59 and share >= 0.99
     # C2f: the second half of cv1 feeds the bottlenecks, their residual Adds and the Concat (twice)
     c2f = cg.group_of("model.4.cv1.conv.weight", 0, 32)
