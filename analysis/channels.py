@@ -1006,23 +1006,20 @@ def _reshape_map(src: Sequence[int], dst: Sequence[int], a: int):
     d = dst[j]
     if d == c:
         return ("intact", j, 1)
-    if d > c:
-        if d % c:
-            return None
-        inner, acc = d // c, 1
-        for s in src[a + 1:]:
-            if acc == inner:
-                break
-            acc *= s
-        return ("merge", j, inner) if acc == inner else None
-    if c % d:
-        return None
-    inner, acc = c // d, 1
-    for s in dst[j + 1:]:
-        if acc == inner:
+    if d > c:  # merged with the axes after it: they must make up exactly d // c
+        return ("merge", j, d // c) if d % c == 0 and _leading_product_is(src[a + 1:], d // c) else None
+    # split into an outer axis of d and inner axes that must make up exactly c // d
+    return ("split", j, c // d) if c % d == 0 and _leading_product_is(dst[j + 1:], c // d) else None
+
+
+def _leading_product_is(dims: Sequence[int], target: int) -> bool:
+    """Whether some leading run of ``dims`` (possibly empty) multiplies to exactly ``target``."""
+    acc = 1
+    for s in dims:
+        if acc == target:
             break
         acc *= s
-    return ("split", j, inner) if acc == inner else None
+    return acc == target
 
 
 def _shape_entries(b: _Builder, value: ir.Value | None, depth: int = 0):
