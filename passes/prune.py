@@ -324,12 +324,14 @@ class Prune(Pass):
         if kind == "reconstruction":
             return (*_reconstruction_scores(model, cg, groups, ctx, self.options.samples), [])
         out, fallback = {}, []
+        values = ir.convenience.create_value_mapping(model.graph)
+        nodes = {n.name: n for n in model.graph}
         for g in groups:
-            s = _bn_scores(model, g) if kind == "bn" else None
+            s = _bn_scores(nodes, g) if kind == "bn" else None
             if s is None:
                 if kind == "bn":
                     fallback.append(g.id)
-                s = _weight_scores(model, cg, g, 1 if kind == "l1" else 2)
+                s = _weight_scores(values, cg, g, 1 if kind == "l1" else 2)
             out[g.id] = s
         return out, {}, fallback
 
@@ -522,8 +524,8 @@ def _normalised_sum(parts: list[np.ndarray], size: int) -> np.ndarray:
     return total
 
 
-def _weight_scores(model: ir.Model, cg, g, p: int) -> np.ndarray:
-    values = ir.convenience.create_value_mapping(model.graph)
+def _weight_scores(values: dict[str, ir.Value], cg, g, p: int) -> np.ndarray:
+    """l1 / l2 scores of a group (``values``: the graph's name → value mapping)."""
     parts = []
     for m in g.members:
         if m.role in ("out", "in"):
@@ -533,12 +535,11 @@ def _weight_scores(model: ir.Model, cg, g, p: int) -> np.ndarray:
     return _normalised_sum(parts, g.size) if parts else np.ones(g.size)
 
 
-def _bn_scores(model: ir.Model, g) -> np.ndarray | None:
+def _bn_scores(nodes: dict[str, ir.Node], g) -> np.ndarray | None:
     """|γ| of the group's BatchNormalization scales (summed over several), None without one."""
-    by_name = {n.name: n for n in model.graph}
     parts = []
     for m in g.members:
-        node = by_name.get(m.node)
+        node = nodes.get(m.node)
         if m.role == "param" and node is not None and node.op_type == "BatchNormalization" \
                 and node.inputs[1] is not None and node.inputs[1].name == m.tensor:
             gamma = np.abs(const_array(node.inputs[1]).astype(np.float64).reshape(-1))
@@ -563,11 +564,12 @@ def _activation_scores(model: ir.Model, cg, groups, ctx, samples: int) -> dict[i
             s = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).mean(axis=1)
             sums[(tensor, axis)] = s if sums[(tensor, axis)] is None else sums[(tensor, axis)] + s
     out = {}
+    values = ir.convenience.create_value_mapping(model.graph)
     for g in groups:
         parts = [sums[(m.tensor, m.axis)][list(m.indices)] for m in g.members
                  if (m.tensor, m.axis) in sums and m.role == "act" and m.block == 1 and not m.fold]
         parts = [p for p in parts if np.mean(p) > 0]
-        out[g.id] = _normalised_sum(parts, g.size) if parts else _weight_scores(model, cg, g, 2)
+        out[g.id] = _normalised_sum(parts, g.size) if parts else _weight_scores(values, cg, g, 2)
     return out
 
 
@@ -595,6 +597,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
             kernel = tuple(const_array(node.inputs[1]).shape[2:]) if node.op_type == "Conv" else None
             accs[name].update(reduction_rows(node, batch[inputs[name]], kernel, rng)[0])
     sigma = {name: acc.H() for name, acc in accs.items()}
+    values = ir.convenience.create_value_mapping(model.graph)
     out, costs = {}, {}
     for g in groups:
         gram = np.zeros((g.size, g.size))
@@ -617,7 +620,7 @@ def _reconstruction_scores(model: ir.Model, cg, groups, ctx, samples: int):
             energy = max(float(np.einsum("ij,jk,ik->", w.T, s, w.T)), 1e-30)
             gram += onehot.T @ contribution @ onehot / energy
         if not np.any(gram):
-            out[g.id] = _weight_scores(model, cg, g, 2)
+            out[g.id] = _weight_scores(values, cg, g, 2)
             continue
         out[g.id], costs[g.id] = _greedy_order(gram)
     return out, costs
