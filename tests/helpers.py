@@ -97,3 +97,20 @@ def run_pipeline(model: ir.Model, pipeline: str, calib=None):
 def pass_notes(ctx, name: str) -> dict:
     """The report notes of the (first) pass called ``name``."""
     return next(p for p in ctx.report.passes if p.name == name).notes
+
+
+def zero_channels(model: ir.Model, cg, group, channels, roles=("in",)) -> None:
+    """Zero, in place, the weight entries that ``channels`` of ``group`` own in every constant
+    member with one of ``roles`` ("in": the layers reading them, "out": those producing them)."""
+    from lowbit.passes.edit import const_array
+
+    values = ir.convenience.create_value_mapping(model.graph)
+    for member in group.members:
+        if member.role not in roles:
+            continue
+        array = const_array(values[member.tensor])
+        if array is None:
+            continue
+        array = array.copy()
+        array[cg.mask(group, member, channels, array.shape)] = 0
+        values[member.tensor].const_value = ir.tensor(array, name=member.tensor)

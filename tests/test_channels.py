@@ -32,6 +32,8 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
+from helpers import zero_channels
+
 from lowbit.analysis.channels import ChannelGraph, channel_groups
 from lowbit.core import io
 from lowbit.models import data
@@ -121,7 +123,6 @@ def _plant_zeros(model: ir.Model, cg: ChannelGraph, seed: int, fraction: float =
     weight entries of every "in" member reading them, and return ``keep``."""
     rng = np.random.default_rng(seed)
     keep = {}
-    inits = model.graph.initializers
     for group in cg.prunable():
         per = group.size // group.divisions
         drop = max(1, int(per * fraction))
@@ -131,13 +132,7 @@ def _plant_zeros(model: ir.Model, cg: ChannelGraph, seed: int, fraction: float =
         for d in range(group.divisions):
             kept += rng.choice(np.arange(d * per, (d + 1) * per), per - drop, replace=False).tolist()
         keep[group.id] = sorted(kept)
-        removed = sorted(set(range(group.size)) - set(kept))
-        for member in group.members:
-            if member.role == "in":
-                value = inits[member.tensor]
-                array = value.const_value.numpy().copy()
-                array[cg.mask(group, member, removed)] = 0
-                value.const_value = ir.tensor(array, name=value.name)
+        zero_channels(model, cg, group, sorted(set(range(group.size)) - set(kept)))
     return keep
 
 

@@ -15,7 +15,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from helpers import array_calibration, digits_calibration, digits_top1_of, pass_notes, refused, run_pipeline
+from helpers import (array_calibration, digits_calibration, digits_top1_of, pass_notes, refused, run_pipeline,
+                     zero_channels)
 
 from lowbit.analysis.channels import channel_groups
 from lowbit.analysis.stats import model_stats
@@ -36,7 +37,6 @@ def _plant_zeros(model: ir.Model, ratio: float, seed: int = 0) -> int:
     """Zero ``floor(ratio·size)`` random channels of every prunable group in all their weights;
     returns how many channels were planted."""
     cg = channel_groups(model)
-    values = ir.convenience.create_value_mapping(model.graph)
     rng = np.random.default_rng(seed)
     planted = 0
     for g in cg.prunable():
@@ -44,15 +44,7 @@ def _plant_zeros(model: ir.Model, ratio: float, seed: int = 0) -> int:
         drop = math.floor(ratio * g.size) // g.divisions
         chosen = [d * per + c for d in range(g.divisions) for c in rng.choice(per, drop, replace=False)]
         planted += len(chosen)
-        for m in g.members:
-            if m.role not in ("in", "out"):
-                continue
-            array = const_array(values[m.tensor])
-            if array is None:
-                continue
-            array = array.copy()
-            array[cg.mask(g, m, chosen, array.shape)] = 0
-            values[m.tensor].const_value = ir.tensor(array, name=m.tensor)
+        zero_channels(model, cg, g, chosen, roles=("in", "out"))
     return planted
 
 
