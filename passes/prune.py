@@ -156,7 +156,7 @@ class Prune(Pass):
             return False
         ratio_of = self._group_ratios(model, cg, groups)
         before = model_stats(model)
-        layers = _layers(model, cg, groups)
+        layers = _layers(model, cg, groups, {row["node"]: row["macs"] or 0 for row in before.layers})
         scores, costs, fallback = self._importance(model, cg, groups, ctx)
         counts = self._plan(groups, layers, ratio_of, costs, before.macs, ctx)
         keep, rows = {}, []
@@ -433,12 +433,9 @@ def _describe(g) -> list[str]:
     return sorted({f"{m.role} {m.node}" for m in g.members if m.role != "act"})
 
 
-def _layers(model: ir.Model, cg, groups) -> dict[str, _Layer]:
-    """The weighted nodes of the prunable groups, with their MACs and tracked weight axes."""
-    from lowbit.analysis.stats import infer_shapes, node_macs
-
-    shaped = infer_shapes(model)
-    macs = {n.name: node_macs(n) or 0 for n in shaped.graph}
+def _layers(model: ir.Model, cg, groups, macs: dict[str, int]) -> dict[str, _Layer]:
+    """The weighted nodes of the prunable groups, with their MACs (``macs``: node name → MACs,
+    from the model's statistics) and tracked weight axes."""
     by_name = {n.name: n for n in model.graph}
     layers: dict[str, _Layer] = {}
     for g in groups:
