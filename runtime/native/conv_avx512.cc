@@ -1,0 +1,636 @@
+// ConvLowBit for AVX-512 (F/BW/VL/DQ/VNNI). Vectors run along output pixels: 16 pixels per zmm,
+// NCHW's contiguous axis for the input planes, the Im2col rows (conv_internal.h) and Y.
+//
+// int8 accuracy (the fast path): phase 1 quantizes the im2col matrix once per call into u8
+// (q + 128) in "quad" layout — per pixel tile, per group of 4 consecutive K columns, 16 pixels × 4
+// bytes per zmm — plus d = amax / 127 per pixel and block; phase 2 decodes a few weight rows
+// into an int8 panel (4-bit codes → w_int through a 16-byte pshufb table) and runs vpdpbusd
+// with each row's 4 weights broadcast:  Σ (q + 128)·w = Σ q·w + 128·Σ w, so every block's
+// integer accumulator starts at −128·wsum[n, b]. Per block: y += cvt(isum)·d[p]·(block scale).
+//
+// float accuracy: per task the weight rows of a 256-column K chunk decoded to float (a 16-float
+// table per block through vpermps) and an FMA kernel accumulating into Y (virtual pixels: into
+// a buffer that Im2col::store compacts).
+//
+// Depthwise (one input channel per group): direct 2-D convolution over the zero-padded channel
+// split into stride phases, one run of "virtual" pixels per plane (see conv_depthwise).
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in GCC 12's AVX-512 headers (PR 105593)
+#endif
+
+#include <cstring>
+
+#include "conv_internal.h"
+
+namespace lowbit {
+namespace conv_detail {
+namespace {
+
+constexpr int64_t kL = 16;  // pixels per vector
+// register tiles are arrays of vectors: fully unrolled loops keep them in registers
+#define LB_UNROLL _Pragma("GCC unroll 16")
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline __mmask16 lanes(int64_t n) {
+  return n >= kL ? static_cast<__mmask16>(0xFFFF)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// dst[0, n) = src[0, n) for the short rows of a plane (no library call per row).
+inline void copy_row(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += kL) {
+    const __mmask16 m = lanes(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+}
+
+// Virtual pixels j … j+15 (see Im2col; first lane at row oh, column ow0 < wq, wq ≥ 16) into an
+// output plane of rows OW wide: the lanes of row oh, then those past the row end into row
+// oh + 1; lanes at ow ≥ OW or j ≥ run (the virtual pixels in all) are dropped.
+inline void store_virtual(float* y, int64_t j, int64_t oh, int64_t ow0, int64_t wq, int64_t OW,
+                          int64_t run, __m512 x) {
+  _mm512_mask_storeu_ps(y + oh * OW + ow0, lanes(OW - ow0) & lanes(run - j), x);
+  const int64_t next = wq - ow0;  // the first lane in row oh + 1
+  if (next < kL)
+    _mm512_mask_storeu_ps(y + (oh + 1) * OW - next,
+                          lanes(run - j) & lanes(next + OW) & ~lanes(next), x);
+}
+
+// 16 codes j0 … j0+15 (j0 a multiple of 16) of a packed block, one per byte.
+inline __m128i codes16(const uint8_t* blk, int bits, int64_t j0) {
+  if (bits == 4) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + j0 / 2));
+    const __m128i m = _mm_set1_epi8(15);
+    return _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  }
+  int32_t raw;
+  std::memcpy(&raw, blk + j0 / 4, 4);
+  const __m128i v = _mm_cvtsi32_si128(raw), m = _mm_set1_epi8(3);
+  const __m128i c0 = _mm_and_si128(v, m), c1 = _mm_and_si128(_mm_srli_epi16(v, 2), m);
+  const __m128i c2 = _mm_and_si128(_mm_srli_epi16(v, 4), m), c3 = _mm_and_si128(_mm_srli_epi16(v, 6), m);
+  return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
+}
+
+// Row n's w_int for columns of block b into dst[0, bs): zero from the block's last real column.
+void decode_s8(const ConvWeight& cw, int64_t n, int64_t b, int8_t* dst) {
+  const int64_t bs = cw.w.block_size, i = n * cw.nblocks + b;
+  const int64_t kn = min64(bs, cw.w.K - b * bs);
+  const uint8_t* blk = cw.w.packed + i * cw.block_bytes;
+  __m128i lut;  // w_int of each code: the codebook's int8 table, or code − zero point
+  if (!cw.lut.empty()) {
+    alignas(16) int8_t t[16] = {};
+    std::memcpy(t, cw.lut.data() + (i << cw.w.bits), std::size_t{1} << cw.w.bits);
+    lut = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  } else {
+    const int zp = cw.w.zero_points ? cw.w.zero_points[i] : 1 << (cw.w.bits - 1);
+    lut = _mm_sub_epi8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm_set1_epi8(static_cast<char>(zp)));
+  }
+  for (int64_t j = 0; j < kn; j += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm_shuffle_epi8(lut, codes16(blk, cw.w.bits, j)));
+  for (int64_t j = kn; j < cdiv(kn, 16) * 16; ++j) dst[j] = 0;
+}
+
+// Row n's Ŵ for columns [0, j1) of block b into dst.
+void decode_f32(const ConvWeight& cw, int64_t n, int64_t b, int64_t j1, float* dst) {
+  const LowBitWeight& w = cw.w;
+  const int64_t i = n * cw.nblocks + b, ncodes = int64_t{1} << w.bits;
+  const uint8_t* blk = w.packed + i * cw.block_bytes;
+  // t[c] = Ŵ of code c, computed as ops.py does (lanes ≥ 2^bits unused)
+  const __m512 sc = _mm512_set1_ps(w.scales[i]);
+  const __m512 t =
+      w.format == Format::Codebook
+          ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(ncodes), w.levels + i * ncodes), sc)
+          : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                              _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                              _mm512_set1_epi32(cw.zero_point(n, b)))),
+                          sc);
+  for (int64_t j = 0; j < j1; j += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(codes16(blk, w.bits, j));
+    _mm512_mask_storeu_ps(dst + j, lanes(j1 - j), _mm512_permutexvar_ps(c, t));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 accuracy, general conv
+
+struct Int8Plan {
+  int64_t K, bs, nb, qb, qlast, cols, tv, ntiles, quads;
+  // per tile: quads × tv × 64 bytes of activations, then nb × tv × 16 floats of d
+  int64_t act_bytes() const { return quads * tv * 64; }
+  int64_t tile_bytes() const { return act_bytes() + nb * tv * kL * 4; }
+};
+
+// Phase 1: quantize pixel tile t of the im2col matrix into the plan's layout.
+void quantize_tile(const Int8Plan& pl, const Im2col& m, int64_t t, uint8_t* tile) {
+  const int64_t p0 = t * pl.tv * kL, np = pl.tv * kL;
+  float* buf = scratch_of<float>(1, pl.bs * np);
+  float* d = reinterpret_cast<float*>(tile + pl.act_bytes());
+  const float* r[256];
+  const __m512i order = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+  for (int64_t b = 0; b < pl.nb; ++b) {
+    const int64_t k0 = b * pl.bs, kn = min64(pl.bs, pl.K - k0), nq = cdiv(kn, 4);
+    m.rows(k0, kn, p0, np, r, buf);
+    uint8_t* out = tile + b * pl.qb * pl.tv * 64;
+    for (int64_t v = 0; v < pl.tv; ++v) {
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < kn; ++i)
+        amax = _mm512_range_ps(amax, _mm512_loadu_ps(r[i] + v * kL), 0x0B);  // max |·|
+      const __mmask16 nz = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
+      const __m512 inv = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), amax);
+      _mm512_storeu_ps(d + (b * pl.tv + v) * kL, _mm512_div_ps(amax, _mm512_set1_ps(127.f)));
+      for (int64_t q = 0; q < nq; ++q) {
+        __m512i qi[4];
+        LB_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          const int64_t i = 4 * q + j;
+          qi[j] = i < kn ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r[i] + v * kL), inv))
+                         : _mm512_setzero_si512();
+        }
+        // bytes per 128-bit lane: q0[0..3] q1[0..3] q2[0..3] q3[0..3] → pixel-major quads
+        const __m512i b8 = _mm512_packs_epi16(_mm512_packs_epi32(qi[0], qi[1]),
+                                              _mm512_packs_epi32(qi[2], qi[3]));
+        const __m512i u8 = _mm512_xor_si512(_mm512_shuffle_epi8(b8, order),
+                                            _mm512_set1_epi8(static_cast<char>(0x80)));
+        _mm512_storeu_si512(out + (q * pl.tv + v) * 64, u8);
+      }
+    }
+  }
+}
+
+// Where gemm_i8 writes: y[r·ystride + 16v + lane] (lanes < valid) when wq = 0; else (wq ≥ 16)
+// the virtual pixels j0 + 16v + lane scattered into output planes ystride apart (store_virtual).
+struct GemmOut {
+  int64_t wq = 0, OW = 0, run = 0, j0 = 0;
+};
+
+// Rows n0 … n0+NR−1 of Y for the tile's vectors v0 … v0+PV−1, from the tile's activations and
+// a decoded panel of those rows.
+template <int NR, int PV>
+void gemm_i8(const Int8Plan& pl, const ConvWeight& cw, const uint8_t* tile, int64_t v0,
+             const int8_t* panel, int64_t n0, const float* bias, float* y, int64_t ystride,
+             int64_t valid, GemmOut virt) {
+  const int64_t nb = pl.nb, astride = pl.tv * 64;
+  const float* d = reinterpret_cast<const float*>(tile + pl.act_bytes());
+  const float* qs = cw.block_scales();
+  __m512 f[NR][PV];
+  LB_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    const __m512 b0 = _mm512_set1_ps(bias ? bias[n0 + r] : 0.f);
+    LB_UNROLL
+    for (int v = 0; v < PV; ++v) f[r][v] = b0;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i a[NR][PV];
+    LB_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const __m512i init = _mm512_set1_epi32(-128 * cw.wsum[(n0 + r) * nb + b]);
+      LB_UNROLL
+      for (int v = 0; v < PV; ++v) a[r][v] = init;
+    }
+    const uint8_t* ap = tile + b * pl.qb * astride + v0 * 64;
+    const int8_t* wp = panel + b * pl.bs;
+    const int64_t nq = b + 1 < nb ? pl.qb : pl.qlast;
+    for (int64_t q = 0; q < nq; ++q) {
+      __m512i x[PV];
+      LB_UNROLL
+      for (int v = 0; v < PV; ++v) x[v] = _mm512_loadu_si512(ap + q * astride + v * 64);
+      LB_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        int32_t w4;
+        std::memcpy(&w4, wp + r * nb * pl.bs + 4 * q, 4);
+        const __m512i wv = _mm512_set1_epi32(w4);
+        LB_UNROLL
+        for (int v = 0; v < PV; ++v) a[r][v] = _mm512_dpbusd_epi32(a[r][v], x[v], wv);
+      }
+    }
+    __m512 dv[PV];
+    LB_UNROLL
+    for (int v = 0; v < PV; ++v) dv[v] = _mm512_loadu_ps(d + (b * pl.tv + v0 + v) * kL);
+    LB_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sc = _mm512_set1_ps(qs[(n0 + r) * nb + b]);
+      LB_UNROLL
+      for (int v = 0; v < PV; ++v)
+        f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][v]), _mm512_mul_ps(dv[v], sc), f[r][v]);
+    }
+  }
+  if (virt.wq == 0) {
+    LB_UNROLL
+    for (int r = 0; r < NR; ++r)
+      LB_UNROLL
+      for (int v = 0; v < PV; ++v)
+        _mm512_mask_storeu_ps(y + r * ystride + v * kL, lanes(valid - v * kL), f[r][v]);
+    return;
+  }
+  LB_UNROLL
+  for (int v = 0; v < PV; ++v) {
+    const int64_t j = virt.j0 + v * kL, oh = j / virt.wq, ow0 = j - oh * virt.wq;
+    LB_UNROLL
+    for (int r = 0; r < NR; ++r)
+      store_virtual(y + r * ystride, j, oh, ow0, virt.wq, virt.OW, virt.run, f[r][v]);
+  }
+}
+
+using GemmI8 = void (*)(const Int8Plan&, const ConvWeight&, const uint8_t*, int64_t,
+                        const int8_t*, int64_t, const float*, float*, int64_t, int64_t, GemmOut);
+constexpr int kNR = 4, kPV = 3;
+template <int NR>
+constexpr GemmI8 kI8Row[kPV] = {gemm_i8<NR, 1>, gemm_i8<NR, 2>, gemm_i8<NR, 3>};
+constexpr const GemmI8* kI8[kNR] = {kI8Row<1>, kI8Row<2>, kI8Row<3>, kI8Row<4>};
+
+// Splits Ng rows × ntiles tiles into ~16 tasks: n chunks (multiples of nr) × tile ranges.
+struct Split {
+  int64_t nc, nchunks, tpt, tgroups;
+  Split(int64_t Ng, int64_t ntiles, int64_t nr) {
+    nchunks = 1;
+    while (ntiles * nchunks < 8 && Ng / (nchunks * 2) >= 16) nchunks *= 2;
+    nc = cdiv(cdiv(Ng, nchunks), nr) * nr;
+    nchunks = cdiv(Ng, nc);
+    tgroups = min64(ntiles, cdiv(16, nchunks));
+    tpt = cdiv(ntiles, tgroups);
+    tgroups = cdiv(ntiles, tpt);
+  }
+};
+
+void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+               float* Y, const ParallelFor& parallel) {
+  const LowBitWeight& w = cw.w;
+  const int64_t Cg = s.C / s.group, Ng = s.N / s.group, P = s.OH * s.OW;
+  Int8Plan pl;
+  pl.K = w.K, pl.bs = w.block_size, pl.nb = cw.nblocks, pl.qb = pl.bs / 4;
+  pl.qlast = cdiv(pl.K - (pl.nb - 1) * pl.bs, 4);
+  pl.quads = pl.nb * pl.qb;
+  const int64_t tvmax = 2 * kPV;
+  for (int64_t img = 0; img < s.batch; ++img)
+    for (int64_t g = 0; g < s.group; ++g) {
+      const Im2col m = make_im2col(s, X + (img * s.C + g * Cg) * s.H * s.W, tvmax * kL);
+      pl.cols = m.cols;
+      const int64_t nv = cdiv(pl.cols, kL);
+      pl.tv = min64(nv, tvmax);
+      pl.ntiles = cdiv(nv, pl.tv);
+      uint8_t* act = scratch_of<uint8_t>(0, pl.ntiles * pl.tile_bytes());
+      // one n chunk: each task quantizes its own tiles; else all tiles first (a second call)
+      const Split sp(Ng, pl.ntiles, kNR);
+      const bool fused = sp.nchunks == 1;
+      if (!fused)
+        parallel(pl.ntiles, [&](std::size_t t) {
+          quantize_tile(pl, m, t, act + t * pl.tile_bytes());
+        });
+      parallel(sp.nchunks * sp.tgroups, [&](std::size_t task) {
+        const int64_t n0 = g * Ng + (task / sp.tgroups) * sp.nc;
+        const int64_t rows = min64(sp.nc, (g + 1) * Ng - n0);
+        int8_t* panel = scratch_of<int8_t>(2, rows * pl.nb * pl.bs);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t b = 0; b < pl.nb; ++b)
+            decode_s8(cw, n0 + r, b, panel + (r * pl.nb + b) * pl.bs);
+        // virtual pixels: scattered straight into Y (wq ≥ 16) or through ybuf and store()
+        const bool scatter = m.virtual_pixels() && m.wp >= kL;
+        float* ybuf =
+            m.virtual_pixels() && !scatter ? scratch_of<float>(4, rows * pl.tv * kL) : nullptr;
+        float* yn0 = Y + (img * s.N + n0) * P;
+        const int64_t t0 = (task % sp.tgroups) * sp.tpt;
+        for (int64_t t = t0; t < min64(pl.ntiles, t0 + sp.tpt); ++t) {
+          const int64_t p0 = t * pl.tv * kL, np = min64(pl.tv * kL, pl.cols - p0);
+          uint8_t* tile = act + t * pl.tile_bytes();
+          if (fused) quantize_tile(pl, m, t, tile);
+          float* y = ybuf ? ybuf : scatter ? yn0 : yn0 + p0;
+          const int64_t ystride = ybuf ? pl.tv * kL : P;
+          for (int64_t r = 0; r < rows; r += kNR) {
+            const int nr = static_cast<int>(min64(kNR, rows - r));
+            for (int64_t v = 0; v * kL < np; v += kPV) {
+              const int pv = static_cast<int>(min64(kPV, cdiv(np, kL) - v));
+              GemmOut out;
+              if (scatter) out = {m.wp, s.OW, m.cols, p0 + v * kL};
+              kI8[nr - 1][pv - 1](pl, cw, tile, v, panel + r * pl.nb * pl.bs, n0 + r, bias,
+                                  y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL,
+                                  out);
+            }
+          }
+          if (ybuf) m.store(ybuf, ystride, rows, p0, np, yn0);
+        }
+      });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// float accuracy, general conv
+
+constexpr int kFR = 4, kFV = 4;
+constexpr int64_t kKC = 256;  // K columns per chunk (a multiple of every block size)
+
+// y[r, 16v + lane] (+)= Σ_k wf[r, k]·row_k[16v + lane]; starts from the bias when first.
+template <int NR, int PV>
+void gemm_f32(const float* const* rows, int64_t off, int64_t kn, const float* wf, int64_t wstride,
+              const float* bias, bool first, float* y, int64_t ystride, int64_t valid) {
+  __m512 a[NR][PV];
+  LB_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LB_UNROLL
+    for (int v = 0; v < PV; ++v)
+      a[r][v] = first ? _mm512_set1_ps(bias ? bias[r] : 0.f)
+                      : _mm512_maskz_loadu_ps(lanes(valid - v * kL), y + r * ystride + v * kL);
+  for (int64_t k = 0; k < kn; ++k) {
+    __m512 x[PV];
+    LB_UNROLL
+    for (int v = 0; v < PV; ++v) x[v] = _mm512_loadu_ps(rows[k] + off + v * kL);
+    LB_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = _mm512_set1_ps(wf[r * wstride + k]);
+      LB_UNROLL
+      for (int v = 0; v < PV; ++v) a[r][v] = _mm512_fmadd_ps(wv, x[v], a[r][v]);
+    }
+  }
+  LB_UNROLL
+  for (int r = 0; r < NR; ++r)
+    LB_UNROLL
+    for (int v = 0; v < PV; ++v)
+      _mm512_mask_storeu_ps(y + r * ystride + v * kL, lanes(valid - v * kL), a[r][v]);
+}
+
+using GemmF = void (*)(const float* const*, int64_t, int64_t, const float*, int64_t, const float*,
+                       bool, float*, int64_t, int64_t);
+template <int NR>
+constexpr GemmF kFRow[kFV] = {gemm_f32<NR, 1>, gemm_f32<NR, 2>, gemm_f32<NR, 3>, gemm_f32<NR, 4>};
+constexpr const GemmF* kF[kFR] = {kFRow<1>, kFRow<2>, kFRow<3>, kFRow<4>};
+
+void conv_float(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+                float* Y, const ParallelFor& parallel) {
+  const LowBitWeight& w = cw.w;
+  const int64_t K = w.K, bs = w.block_size, P = s.OH * s.OW;
+  const int64_t kc = cdiv(kKC, bs) * bs;
+  const int64_t Cg = s.C / s.group, Ng = s.N / s.group;
+  const int64_t tvmax = 2 * kFV;
+  for (int64_t img = 0; img < s.batch; ++img)
+    for (int64_t g = 0; g < s.group; ++g) {
+      const Im2col m = make_im2col(s, X + (img * s.C + g * Cg) * s.H * s.W, tvmax * kL);
+      const int64_t nv = cdiv(m.cols, kL), tv = min64(nv, tvmax), ntiles = cdiv(nv, tv);
+      const Split sp(Ng, ntiles, kFR);
+      parallel(sp.nchunks * sp.tgroups, [&](std::size_t task) {
+        const int64_t n0 = g * Ng + (task / sp.tgroups) * sp.nc;
+        const int64_t rows = min64(sp.nc, (g + 1) * Ng - n0);
+        const int64_t t0 = (task % sp.tgroups) * sp.tpt, t1 = min64(ntiles, t0 + sp.tpt);
+        const int64_t span = (t1 - t0) * tv * kL;
+        float* buf = scratch_of<float>(1, kc * tv * kL);
+        float* wf = scratch_of<float>(2, rows * kc);
+        // virtual pixels accumulate in ybuf over the K chunks, then store() keeps the real ones
+        float* ybuf = m.virtual_pixels() ? scratch_of<float>(4, rows * span) : nullptr;
+        float* yn0 = Y + (img * s.N + n0) * P;
+        const int64_t ystride = ybuf ? span : P;
+        const float* r[kKC];
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          const int64_t kn = min64(kc, K - k0);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < kn; j += bs)
+              decode_f32(cw, n0 + i, (k0 + j) / bs, min64(bs, kn - j), wf + i * kc + j);
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t p0 = t * tv * kL, np = min64(tv * kL, m.cols - p0);
+            m.rows(k0, kn, p0, tv * kL, r, buf);
+            float* y = ybuf ? ybuf + (t - t0) * tv * kL : yn0 + p0;
+            for (int64_t i = 0; i < rows; i += kFR) {
+              const int nr = static_cast<int>(min64(kFR, rows - i));
+              for (int64_t v = 0; v * kL < np; v += kFV) {
+                const int pv = static_cast<int>(min64(kFV, cdiv(np, kL) - v));
+                kF[nr - 1][pv - 1](r, v * kL, kn, wf + i * kc, kc, bias ? bias + n0 + i : nullptr,
+                                   k0 == 0, y + i * ystride + v * kL, ystride, np - v * kL);
+              }
+            }
+          }
+        }
+        if (ybuf)
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t p0 = t * tv * kL;
+            m.store(ybuf + (t - t0) * tv * kL, span, rows, p0, min64(tv * kL, m.cols - p0), yn0);
+          }
+      });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise: one input channel per group, Y[n] = conv(X[n / (N / C)], one kh×kw kernel)
+
+constexpr int kDV = 4;  // vectors in flight (FMA latency)
+
+// The channel is zero-padded and split into stride_h × stride_w phase planes of hq × wq, as
+// Im2col does (padded row r, column c → plane (r mod sh, c mod sw), position (r / sh, c / sw)):
+// output (oh, ow) is the virtual pixel j = oh·wq + ow and its tap t = (ky, kx) sits at j + off[t],
+// so a run of 16 outputs is one load per tap, over the whole plane at once. Virtual pixels with
+// ow ≥ OW are computed and dropped.
+
+// Where a run of virtual outputs goes: straight into Y's rows when wq ≥ 16 (a vector then
+// touches at most two rows), else into buf for compaction.
+struct VirtualOut {
+  float* y;
+  float* buf;
+  int64_t wq, OW, run;
+  bool direct() const { return wq >= kL; }
+  // vector v of the run, whose first lane is (oh, ow0); advances (oh, ow0) to vector v + 1
+  void store(int64_t v, int64_t& oh, int64_t& ow0, __m512 x) const {
+    if (!direct()) return _mm512_storeu_ps(buf + v * kL, x);
+    store_virtual(y, v * kL, oh, ow0, wq, OW, run, x);
+    ow0 += kL;
+    if (ow0 >= wq) ow0 -= wq, ++oh;
+  }
+};
+
+// A 3×3 float run of nvec vectors: the 9 weights stay in registers.
+void dw_float9(const float* base, const int32_t* off, const float* wk, int64_t nvec, float bias,
+               const VirtualOut& out) {
+  __m512 wv[9];
+  const float* src[9];
+  LB_UNROLL
+  for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(wk[t]), src[t] = base + off[t];
+  int64_t v = 0, oh = 0, ow0 = 0;
+  for (; v + kDV <= nvec; v += kDV) {
+    __m512 acc[kDV];
+    LB_UNROLL
+    for (int u = 0; u < kDV; ++u) acc[u] = _mm512_set1_ps(bias);
+    LB_UNROLL
+    for (int t = 0; t < 9; ++t)
+      LB_UNROLL
+      for (int u = 0; u < kDV; ++u)
+        acc[u] = _mm512_fmadd_ps(wv[t], _mm512_loadu_ps(src[t] + (v + u) * kL), acc[u]);
+    LB_UNROLL
+    for (int u = 0; u < kDV; ++u) out.store(v + u, oh, ow0, acc[u]);
+  }
+  for (; v < nvec; ++v) {
+    __m512 acc = _mm512_set1_ps(bias);
+    LB_UNROLL
+    for (int t = 0; t < 9; ++t) acc = _mm512_fmadd_ps(wv[t], _mm512_loadu_ps(src[t] + v * kL), acc);
+    out.store(v, oh, ow0, acc);
+  }
+}
+
+// A 3×3 float run (stride 1, dilation 1) over rows padded to whole vectors (wq % 16 = 0): per
+// kernel row one aligned load per vector, the taps kx = 1, 2 shifted in with valignd — no loads
+// split across cache lines.
+void dw_float3x3(const float* base, int64_t wq, const float* wk, int64_t nvec, float bias,
+                 const VirtualOut& out) {
+  __m512 wv[9];
+  LB_UNROLL
+  for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(wk[t]);
+  int64_t oh = 0, ow0 = 0;
+  for (int64_t v = 0; v < nvec; v += kDV) {
+    __m512 acc[kDV];
+    LB_UNROLL
+    for (int u = 0; u < kDV; ++u) acc[u] = _mm512_set1_ps(bias);
+    LB_UNROLL
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* r = base + ky * wq + v * kL;
+      __m512 l[kDV + 1];
+      LB_UNROLL
+      for (int u = 0; u <= kDV; ++u) l[u] = _mm512_load_ps(r + u * kL);
+      LB_UNROLL
+      for (int u = 0; u < kDV; ++u) {
+        const __m512i a = _mm512_castps_si512(l[u]), b = _mm512_castps_si512(l[u + 1]);
+        acc[u] = _mm512_fmadd_ps(wv[3 * ky], l[u], acc[u]);
+        acc[u] = _mm512_fmadd_ps(wv[3 * ky + 1], _mm512_castsi512_ps(_mm512_alignr_epi32(b, a, 1)), acc[u]);
+        acc[u] = _mm512_fmadd_ps(wv[3 * ky + 2], _mm512_castsi512_ps(_mm512_alignr_epi32(b, a, 2)), acc[u]);
+      }
+    }
+    LB_UNROLL
+    for (int u = 0; u < kDV; ++u)
+      if (v + u < nvec) out.store(v + u, oh, ow0, acc[u]);
+  }
+}
+
+// Vectors v0 … v0+V−1 of a run into out (any kernel size): float Σ_t Ŵ_t·x_t; int8 per pixel
+// and block q = rint(x·127/amax), Σ q·w_int exact in float (< 2^24).
+template <int V, bool INT8>
+void dw_run(const float* base, const int32_t* off, const float* wk, int64_t K, int64_t bs,
+            const float* qs, float bias, float* out) {
+  __m512 acc[V];
+  LB_UNROLL
+  for (int u = 0; u < V; ++u) acc[u] = _mm512_set1_ps(bias);
+  auto tap = [&](int64_t t, int u) { return _mm512_loadu_ps(base + off[t] + u * kL); };
+  for (int64_t t0 = 0, b = 0; t0 < K; t0 += bs, ++b) {
+    const int64_t t1 = min64(K, t0 + bs);
+    if (!INT8) {
+      for (int64_t t = t0; t < t1; ++t)
+        LB_UNROLL
+        for (int u = 0; u < V; ++u) acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(wk[t]), tap(t, u), acc[u]);
+      continue;
+    }
+    __m512 amax[V], inv[V], isum[V];
+    LB_UNROLL
+    for (int u = 0; u < V; ++u) amax[u] = isum[u] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; ++t)
+      LB_UNROLL
+      for (int u = 0; u < V; ++u) amax[u] = _mm512_range_ps(amax[u], tap(t, u), 0x0B);
+    LB_UNROLL
+    for (int u = 0; u < V; ++u) {
+      const __mmask16 nz = _mm512_cmp_ps_mask(amax[u], _mm512_setzero_ps(), _CMP_GT_OQ);
+      inv[u] = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), amax[u]);
+    }
+    for (int64_t t = t0; t < t1; ++t)
+      LB_UNROLL
+      for (int u = 0; u < V; ++u) {
+        const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(tap(t, u), inv[u]),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        isum[u] = _mm512_fmadd_ps(q, _mm512_set1_ps(wk[t]), isum[u]);
+      }
+    const __m512 sc = _mm512_set1_ps(qs[b] / 127.f);
+    LB_UNROLL
+    for (int u = 0; u < V; ++u) acc[u] = _mm512_fmadd_ps(isum[u], _mm512_mul_ps(amax[u], sc), acc[u]);
+  }
+  LB_UNROLL
+  for (int u = 0; u < V; ++u) _mm512_storeu_ps(out + u * kL, acc[u]);
+}
+
+using DwRun = void (*)(const float*, const int32_t*, const float*, int64_t, int64_t, const float*,
+                       float, float*);
+constexpr DwRun kDwRun[2][kDV] = {{dw_run<1, false>, dw_run<2, false>, dw_run<3, false>, dw_run<4, false>},
+                                  {dw_run<1, true>, dw_run<2, true>, dw_run<3, true>, dw_run<4, true>}};
+
+// Input row xr (W floats) into its phase planes: row base r (position pr / sh of phase pr mod sh),
+// column w → phase (w + pl) mod sw at (w + pl) / sw.
+void split_row(const float* xr, int64_t W, int64_t pl, int64_t sw, int64_t plane, float* r) {
+  if (sw == 1) return copy_row(r + pl, xr, W);
+  int64_t c = 0;
+  if (sw == 2) {  // even w → phase pl mod 2 at w/2 + ⌊pl/2⌋, odd w → the other at w/2 + ⌈pl/2⌉
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
+    float* re = r + (pl & 1) * plane + pl / 2;
+    float* ro = r + (1 - (pl & 1)) * plane + (pl + 1) / 2;
+    for (; c < W; c += 2 * kL) {
+      const int64_t n = W - c;
+      const __m512 a = _mm512_maskz_loadu_ps(lanes(n), xr + c);
+      const __m512 b = _mm512_maskz_loadu_ps(lanes(n - kL), xr + c + kL);
+      _mm512_mask_storeu_ps(re + c / 2, lanes((n + 1) / 2), _mm512_permutex2var_ps(a, ie, b));
+      _mm512_mask_storeu_ps(ro + c / 2, lanes(n / 2), _mm512_permutex2var_ps(a, io, b));
+    }
+    return;
+  }
+  for (int64_t ph = pl % sw, q = pl / sw; c < W; ++c) {
+    r[ph * plane + q] = xr[c];
+    if (++ph == sw) ph = 0, ++q;
+  }
+}
+
+void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+                    float* Y, const ParallelFor& parallel) {
+  const int64_t K = cw.w.K, bs = cw.w.block_size, nb = cw.nblocks, Ng = s.N / s.group;
+  const int64_t sh = s.stride_h, sw = s.stride_w;
+  // 3×3, stride 1, dilation 1 float: rows padded to whole vectors for dw_float3x3
+  const bool aligned = cw.accuracy == Accuracy::Float && s.kh == 3 && s.kw == 3 && sh == 1 &&
+                       sw == 1 && s.dilation_h == 1 && s.dilation_w == 1;
+  const int64_t hq = cdiv(s.H + s.pad_top + s.pad_bottom, sh);
+  const int64_t wp = cdiv(s.W + s.pad_left + s.pad_right, sw);
+  const int64_t wq = aligned ? cdiv(wp, kL) * kL : wp, plane = hq * wq;
+  const int64_t run = s.OH * wq, nvec = cdiv(run, kL);
+  const int64_t P = s.OH * s.OW, planes = s.batch * s.group;
+  const int64_t tasks = min64(planes, 8), per = cdiv(planes, tasks);
+  const bool int8 = cw.accuracy == Accuracy::Int8;
+  parallel(tasks, [&](std::size_t task) {
+    // slack past the phase planes: the lanes of the last vector beyond the run
+    const int64_t total = sh * sw * plane + (nvec + kDV) * kL + 2 * wq;
+    float* pad = scratch_of<float>(1, total);
+    float* wk = scratch_of<float>(2, K);  // Ŵ (float) or w_int (int8) of the current channel
+    int32_t* off = scratch_of<int32_t>(3, K);
+    float* out = scratch_of<float>(4, nvec * kL);
+    for (int64_t t = 0; t < K; ++t) {
+      const int64_t dy = t / s.kw * s.dilation_h, dx = t % s.kw * s.dilation_w;
+      off[t] = static_cast<int32_t>((dy % sh * sw + dx % sw) * plane + dy / sh * wq + dx / sw);
+    }
+    std::memset(pad, 0, total * sizeof(float));  // the border stays zero: planes fill the interior
+    for (int64_t pi = task * per; pi < min64(planes, (task + 1) * per); ++pi) {
+      const int64_t img = pi / s.group, g = pi % s.group;
+      const float* x = X + (img * s.C + g) * s.H * s.W;
+      // padded row h + pad_top → phase ph = (h + pt) mod sh, position q = (h + pt) / sh
+      for (int64_t h = 0, ph = s.pad_top % sh, q = s.pad_top / sh; h < s.H; ++h) {
+        split_row(x + h * s.W, s.W, s.pad_left, sw, plane, pad + ph * sw * plane + q * wq);
+        if (++ph == sh) ph = 0, ++q;
+      }
+      for (int64_t n = g * Ng; n < (g + 1) * Ng; ++n) {
+        decode_row(cw, n, wk);
+        const float b0 = bias ? bias[n] : 0.f;
+        float* y = Y + (img * s.N + n) * P;
+        const VirtualOut vo{y, out, wq, s.OW, run};
+        if (aligned || (!int8 && K == 9)) {
+          aligned ? dw_float3x3(pad, wq, wk, nvec, b0, vo) : dw_float9(pad, off, wk, nvec, b0, vo);
+          if (vo.direct()) continue;
+        } else {
+          const float* qs = int8 ? cw.block_scales() + n * nb : nullptr;
+          for (int64_t v = 0; v < nvec; v += kDV)
+            kDwRun[int8][min64(kDV, nvec - v) - 1](pad + v * kL, off, wk, K, bs, qs, b0, out + v * kL);
+        }
+        for (int64_t r = 0; r < s.OH; ++r) copy_row(y + r * s.OW, out + r * wq, s.OW);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void conv_avx512(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+                 float* Y, const ParallelFor& parallel) {
+  if (s.C == s.group) return conv_depthwise(cw, s, X, bias, Y, parallel);
+  if (cw.accuracy == Accuracy::Int8) return conv_int8(cw, s, X, bias, Y, parallel);
+  conv_float(cw, s, X, bias, Y, parallel);
+}
+
+}  // namespace conv_detail
+}  // namespace lowbit

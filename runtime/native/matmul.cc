@@ -1,0 +1,234 @@
+// MatMulLowBit (runtime/ops.py): prepacking, ISA dispatch and the portable scalar path.
+#include <algorithm>
+#include <cmath>
+
+#include "matmul_internal.h"
+
+namespace lowbit {
+namespace matmul_detail {
+
+ActBuffers& act_buffers() {
+  thread_local ActBuffers buffers;
+  return buffers;
+}
+
+QuantRow* ActBuffers::quant_rows(int64_t M, int64_t Kp, int64_t nb) {
+  q.resize(M * Kp);
+  f.resize(M * nb);
+  sums.resize(2 * M * nb);
+  rows.resize(M);
+  for (int64_t m = 0; m < M; ++m)
+    rows[m] = {q.data() + m * Kp, f.data() + m * nb, sums.data() + 2 * m * nb, sums.data() + (2 * m + 1) * nb};
+  return rows.data();
+}
+
+float* ActBuffers::float_rows(int64_t M, int64_t stride) {
+  f.assign(M * stride, 0.f);
+  return f.data();
+}
+
+namespace {
+
+int zero_point(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b) {
+  return w.zero_points ? w.zero_points[n * nb + b] : 1 << (w.bits - 1);
+}
+
+// The codes of block b of row n, one per byte (padding columns included).
+void unpack_block(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b, uint8_t* out) {
+  const int64_t bytes = w.block_size * w.bits / 8;
+  const uint8_t* src = w.packed + (n * nb + b) * bytes;
+  const int per_byte = 8 / w.bits, mask = (1 << w.bits) - 1;
+  for (int64_t i = 0; i < bytes; ++i)
+    for (int j = 0; j < per_byte; ++j) out[i * per_byte + j] = (src[i] >> (j * w.bits)) & mask;
+}
+
+// An int8 codebook table: rint(level · 127 / lmax); returns scale · lmax / 127.
+float codebook_table(const float* levels, int count, float scale, int8_t* table) {
+  float lmax = 0.f;
+  for (int v = 0; v < count; ++v) lmax = std::max(lmax, std::fabs(levels[v]));
+  const float inv = lmax > 0.f ? 127.f / lmax : 0.f;
+  for (int v = 0; v < count; ++v) table[v] = static_cast<int8_t>(std::nearbyint(levels[v] * inv));
+  return scale * (lmax / 127.f);
+}
+
+// The x86 int8 layout (matmul_internal.h), one row and block at a time.
+void prepack_interleaved(MatMulWeight& p) {
+  const LowBitWeight& w = p.w;
+  const int64_t nb = p.nblocks, G = p.groups, chunks = p.chunks(), bs = w.block_size;
+  const int bits = w.bits, fields = 8 / bits, values = 1 << bits;
+  const bool codebook = w.format == Format::Codebook;
+  p.codes.assign(G * nb * chunks * 64, 0);
+  p.scales.assign(G * nb * kGroup, 0.f);
+  if (w.zero_points && !codebook) p.zp.assign(G * nb * kGroup, 0);
+  if (codebook) p.tables.assign(G * nb * kGroup * values, 128);
+  p.zp_const = codebook ? 128 : 1 << (bits - 1);
+  std::vector<uint8_t> block(bs);
+  int8_t table[16];
+  for (int64_t n = 0; n < w.N; ++n) {
+    const int64_t g = n / kGroup, i = n % kGroup;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t gb = g * nb + b;
+      unpack_block(w, nb, n, b, block.data());
+      uint8_t* dst = p.codes.data() + gb * chunks * 64 + 4 * i;
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int t = 0; t < 4; ++t)
+          for (int j = 0; j < fields; ++j)
+            dst[c * 64 + t] |= block[c * (32 / bits) + 4 * j + t] << (j * bits);
+      float s = w.scales[n * nb + b];
+      if (codebook) {
+        s = codebook_table(w.levels + (n * nb + b) * values, values, s, table);
+        uint8_t* t = p.tables.data() + gb * kGroup * values;
+        for (int v = 0; v < values; ++v) {
+          // 2-bit: row-major [16][4]; 4-bit: [r][L][16] with row i = 4L + r
+          const int64_t at = bits == 2 ? 4 * i + v : (i % 4) * 64 + (i / 4) * 16 + v;
+          t[at] = static_cast<uint8_t>(table[v] + 128);
+        }
+      }
+      p.scales[gb * kGroup + i] = s;
+      if (!p.zp.empty()) p.zp[gb * kGroup + i] = w.zero_points[n * nb + b];
+    }
+  }
+}
+
+void prepack_scalar_int8(MatMulWeight& p) {
+  const LowBitWeight& w = p.w;
+  if (w.format != Format::Codebook) return;
+  const int values = 1 << w.bits;
+  const int64_t count = w.N * p.nblocks;
+  p.scalar_tables.resize(count * values);
+  p.scalar_scales.resize(count);
+  for (int64_t i = 0; i < count; ++i)
+    p.scalar_scales[i] = codebook_table(w.levels + i * values, values, w.scales[i],
+                                        p.scalar_tables.data() + i * values);
+}
+
+// ---- scalar kernels (the op's own layout) ----
+
+// y[n0, n1) = a · Ŵᵀ in float: per block, the 2^bits decoded values in a table.
+void rows_float(const MatMulWeight& p, const float* a, float* y, int64_t n0, int64_t n1) {
+  const LowBitWeight& w = p.w;
+  const int64_t nb = p.nblocks, bs = w.block_size;
+  const int values = 1 << w.bits;
+  std::vector<uint8_t> codes(bs);
+  float table[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float s = w.scales[n * nb + b];
+      for (int v = 0; v < values; ++v)
+        table[v] = w.format == Format::Codebook
+                       ? w.levels[(n * nb + b) * values + v] * s
+                       : static_cast<float>(v - zero_point(w, nb, n, b)) * s;
+      unpack_block(w, nb, n, b, codes.data());
+      const int64_t len = std::min(bs, w.K - b * bs);
+      for (int64_t k = 0; k < len; ++k) acc += a[b * bs + k] * table[codes[k]];
+    }
+    y[n] = acc;
+  }
+}
+
+// One row of A per ops.py, written over the whole padded block (q = 0 beyond K); the scalar
+// kernel applies the zero points itself (QuantRow::init unused).
+void quantize_row(const float* a, int64_t K, int64_t bs, const QuantRow& r) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
+    const int64_t k1 = std::min(K, k0 + bs);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(a[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = k0; k < k0 + bs; ++k) {
+      r.q[k] = k < k1 ? static_cast<int8_t>(std::nearbyint(a[k] * inv)) : 0;
+      sum += r.q[k];
+    }
+    r.d[b] = amax / 127.f;
+    r.qneg[b] = -sum;
+  }
+}
+
+// y[n0, n1) = Σ_b d_b · scale · Σ_k q_k · w_int (ops.py, accuracy=int8).
+void rows_int8(const MatMulWeight& p, const QuantRow& r, float* y, int64_t n0, int64_t n1) {
+  const LowBitWeight& w = p.w;
+  const int64_t nb = p.nblocks, bs = w.block_size;
+  const int values = 1 << w.bits;
+  std::vector<uint8_t> codes(bs);
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      unpack_block(w, nb, n, b, codes.data());
+      const int64_t len = std::min(bs, w.K - b * bs);
+      const int8_t* q = r.q + b * bs;
+      int32_t dot = 0;
+      float s;
+      if (w.format == Format::Codebook) {
+        const int8_t* t = p.scalar_tables.data() + (n * nb + b) * values;
+        for (int64_t k = 0; k < len; ++k) dot += q[k] * t[codes[k]];
+        s = p.scalar_scales[n * nb + b];
+      } else {
+        for (int64_t k = 0; k < len; ++k) dot += q[k] * codes[k];
+        dot += zero_point(w, nb, n, b) * r.qneg[b];
+        s = w.scales[n * nb + b];
+      }
+      acc += r.d[b] * s * static_cast<float>(dot);
+    }
+    y[n] = acc;
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<PackedWeight> prepack(const LowBitWeight& w, Accuracy accuracy, Isa isa) {
+  auto p = std::make_unique<MatMulWeight>();
+  p->w = w;
+  p->accuracy = accuracy;
+  p->isa = isa;
+  p->nblocks = w.blocks();
+  p->groups = (w.N + kGroup - 1) / kGroup;
+  if (isa == Isa::Scalar) {
+    if (accuracy == Accuracy::Int8) prepack_scalar_int8(*p);
+  } else if (accuracy == Accuracy::Int8) {
+    prepack_interleaved(*p);
+  }
+  return p;
+}
+
+void matmul_scalar(const MatMulWeight& p, const float* A, int64_t M, const float* bias, float* Y,
+                   const ParallelFor& parallel) {
+  const LowBitWeight& w = p.w;
+  const QuantRow* rows = nullptr;
+  if (p.accuracy == Accuracy::Int8) {
+    rows = act_buffers().quant_rows(M, p.padded_k(), p.nblocks);
+    for (int64_t m = 0; m < M; ++m) quantize_row(A + m * w.K, w.K, w.block_size, rows[m]);
+  }
+  for_ranges(w.N, parallel, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* y = Y + m * w.N;
+      if (p.accuracy == Accuracy::Int8)
+        rows_int8(p, rows[m], y, n0, n1);
+      else
+        rows_float(p, A + m * w.K, y, n0, n1);
+      if (bias)
+        for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
+    }
+  });
+}
+
+}  // namespace matmul_detail
+
+std::unique_ptr<PackedWeight> prepack_matmul(const LowBitWeight& w, Accuracy accuracy) {
+  return matmul_detail::prepack(w, accuracy, isa_level());
+}
+
+void matmul_lowbit(const PackedWeight& pw, const float* A, int64_t M, const float* bias, float* Y,
+                   const ParallelFor& parallel) {
+  const auto& p = static_cast<const matmul_detail::MatMulWeight&>(pw);
+  if (M <= 0) return;
+  switch (p.isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::Avx512Vnni: return matmul_detail::matmul_avx512(p, A, M, bias, Y, parallel);
+    case Isa::Avx2: return matmul_detail::matmul_avx2(p, A, M, bias, Y, parallel);
+#endif
+    default: return matmul_detail::matmul_scalar(p, A, M, bias, Y, parallel);
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,356 @@
+// Standalone check and benchmark of MatMulLowBit (no onnxruntime): every ISA path this CPU runs
+// against a plain reference of runtime/ops.py's formulas, then timings on 1 and 2 threads.
+// Usage: lowbit_selftest_matmul [--bench [avx2|avx512vnni]]   (exit status 1 when a check fails)
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "matmul_internal.h"
+
+using namespace lowbit;
+using matmul_detail::MatMulWeight;
+
+namespace {
+
+std::mt19937 rng(11);
+
+std::vector<float> randn(std::size_t n) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+struct Weight {
+  std::vector<uint8_t> packed, zp;
+  std::vector<float> scales, levels;
+  LowBitWeight view;
+  std::size_t bytes() const {
+    return packed.size() + zp.size() + (scales.size() + levels.size()) * sizeof(float);
+  }
+};
+
+Weight random_weight(int64_t N, int64_t K, int bits, int64_t bs, Format fmt, bool with_zp) {
+  Weight w;
+  const int64_t nb = (K + bs - 1) / bs, values = 1 << bits;
+  std::uniform_int_distribution<int> byte(0, 255), code(0, values - 1);
+  w.packed.resize(N * nb * bs * bits / 8);
+  for (auto& b : w.packed) b = static_cast<uint8_t>(byte(rng));
+  w.scales = randn(N * nb);
+  for (auto& s : w.scales) s = 0.01f + 0.05f * std::fabs(s);
+  if (fmt == Format::Codebook) {
+    w.levels = randn(N * nb * values);
+  } else if (with_zp) {
+    w.zp.resize(N * nb);
+    for (auto& z : w.zp) z = static_cast<uint8_t>(code(rng));
+  }
+  LowBitWeight& v = w.view;
+  v.packed = w.packed.data();
+  v.scales = w.scales.data();
+  v.zero_points = w.zp.empty() ? nullptr : w.zp.data();
+  v.levels = w.levels.empty() ? nullptr : w.levels.data();
+  v.N = N;
+  v.K = K;
+  v.bits = bits;
+  v.block_size = bs;
+  v.format = fmt;
+  return w;
+}
+
+// ---- the reference: ops.py, one output element at a time, in double where the spec is free ----
+
+int code(const LowBitWeight& w, int64_t n, int64_t k) {
+  const int64_t b = k / w.block_size, j = k % w.block_size;
+  const uint8_t byte = w.packed[(n * w.blocks() + b) * (w.block_size * w.bits / 8) + j * w.bits / 8];
+  return (byte >> (j * w.bits % 8)) & ((1 << w.bits) - 1);
+}
+
+// y[m, n] and a scale for the error: Σ|terms|.
+void reference(const LowBitWeight& w, Accuracy acc, const float* A, int64_t M, const float* bias,
+               std::vector<double>& y, std::vector<double>& mag) {
+  const int64_t nb = w.blocks(), values = 1 << w.bits;
+  y.assign(M * w.N, 0.0);
+  mag.assign(M * w.N, 0.0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = A + m * w.K;
+    std::vector<int> q(w.K);
+    std::vector<float> d(nb);
+    for (int64_t b = 0; b < nb; ++b) {  // accuracy=int8: the activations' blocks
+      const int64_t k0 = b * w.block_size, k1 = std::min(w.K, k0 + w.block_size);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(a[k]));
+      for (int64_t k = k0; k < k1; ++k)
+        q[k] = amax == 0.f ? 0 : static_cast<int>(std::nearbyint(a[k] * (127.f / amax)));
+      d[b] = amax / 127.f;
+    }
+    for (int64_t n = 0; n < w.N; ++n) {
+      double sum = bias ? bias[n] : 0.0, size = bias ? std::fabs(bias[n]) : 0.0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * w.block_size, k1 = std::min(w.K, k0 + w.block_size);
+        const float s = w.scales[n * nb + b];
+        const float* lv = w.levels ? w.levels + (n * nb + b) * values : nullptr;
+        const int zp = w.zero_points ? w.zero_points[n * nb + b] : 1 << (w.bits - 1);
+        if (acc == Accuracy::Float) {
+          for (int64_t k = k0; k < k1; ++k) {
+            const int c = code(w, n, k);
+            const float wk = lv ? lv[c] * s : static_cast<float>(c - zp) * s;
+            sum += static_cast<double>(a[k]) * wk;
+            size += std::fabs(static_cast<double>(a[k]) * wk);
+          }
+        } else {
+          float lmax = 0.f, bscale = s;
+          if (lv) {
+            for (int v = 0; v < values; ++v) lmax = std::max(lmax, std::fabs(lv[v]));
+            bscale = s * (lmax / 127.f);
+          }
+          int64_t dot = 0, adot = 0;
+          for (int64_t k = k0; k < k1; ++k) {
+            const int c = code(w, n, k);
+            const int wi = lv ? (lmax == 0.f ? 0 : static_cast<int>(std::nearbyint(lv[c] * (127.f / lmax))))
+                              : c - zp;
+            dot += q[k] * wi;
+            adot += std::abs(q[k] * wi);
+          }
+          sum += static_cast<double>(d[b]) * bscale * dot;
+          size += std::fabs(static_cast<double>(d[b]) * bscale) * adot;
+        }
+      }
+      y[m * w.N + n] = sum;
+      mag[m * w.N + n] = size;
+    }
+  }
+}
+
+// ---- 2 threads: a small pool whose idle workers sleep ----
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  ParallelFor parallel() {
+    return [this](std::size_t n, const std::function<void(std::size_t)>& fn) { run(n, fn); };
+  }
+
+ private:
+  void run(std::size_t n, const std::function<void(std::size_t)>& fn) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      n_ = n;
+      next_ = 0;
+      left_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    wake_.notify_all();
+    take();
+    while (left_.load() > 0) std::this_thread::yield();
+  }
+  void take() {
+    for (std::size_t i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i);
+  }
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spin = 0; spin < 20000 && generation_.load() == seen; ++spin) std::this_thread::yield();
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        if (stop_) return;
+      }
+      take();
+      --left_;
+    }
+  }
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<std::size_t> next_{0};
+  std::atomic<int> left_{0};
+  std::size_t n_ = 0;
+  const std::function<void(std::size_t)>* fn_ = nullptr;
+  bool stop_ = false;
+};
+
+// ---- the paths ----
+
+std::vector<Isa> paths() {
+  std::vector<Isa> out{Isa::Scalar};
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa_level() >= Isa::Avx2) out.push_back(Isa::Avx2);
+  if (isa_level() >= Isa::Avx512Vnni) out.push_back(Isa::Avx512Vnni);
+#endif
+  return out;
+}
+
+const char* name(Isa isa) {
+  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+}
+
+bool check(Pool& pool) {
+  // worst error / Σ|terms| per (path, format, bits, block, accuracy)
+  std::map<std::tuple<int, int, int, int64_t, int>, double> worst;
+  const auto ps = paths();
+  const ParallelFor par2 = pool.parallel();
+  bool ok = true;
+  int cases = 0;
+  for (int bits : {2, 4})
+    for (int64_t bs : {16, 32, 64, 128, 256})
+      for (Format fmt : {Format::Uniform, Format::Codebook})
+        for (int variant = 0; variant < 10; ++variant) {
+          // K = block, K < block, odd K; N = 16 or random; M = 0 … 9; with and without zero points, bias
+          std::uniform_int_distribution<int64_t> kd(1, 3 * bs + 7), nd(1, 53), md(0, 9);
+          const int64_t K = variant == 0 ? bs : variant == 1 ? 1 + bs / 3 : kd(rng) | 1;
+          const int64_t N = variant == 2 ? 16 : nd(rng), M = variant == 3 ? 0 : md(rng);
+          Weight w = random_weight(N, K, bits, bs, fmt, variant % 2 == 0);
+          auto A = randn(M * K);
+          if (variant == 4) {  // a block of zero activations, a block of zero levels
+            if (M > 0) std::fill(A.begin(), A.begin() + std::min(K, bs), 0.f);
+            std::fill(w.levels.begin(), w.levels.begin() + std::min<std::size_t>(w.levels.size(), 1 << bits), 0.f);
+          }
+          const auto bias = randn(N);
+          const float* b = variant == 5 ? nullptr : bias.data();
+          for (Accuracy acc : {Accuracy::Float, Accuracy::Int8}) {
+            std::vector<double> ref, mag;
+            reference(w.view, acc, A.data(), M, b, ref, mag);
+            for (Isa isa : ps) {
+              auto p = matmul_detail::prepack(w.view, acc, isa);
+              for (int th = 0; th < 2; ++th) {
+                std::vector<float> Y(M * N, NAN);
+                matmul_lowbit(*p, A.data(), M, b, Y.data(), th ? par2 : serial());
+                double err = 0;
+                for (int64_t i = 0; i < M * N; ++i)
+                  err = std::max(err, std::fabs(Y[i] - ref[i]) / (mag[i] + 1e-30));
+                if (!(err <= 1e-5)) {
+                  std::printf("FAIL %s %s %d-bit block %ld %s K=%ld N=%ld M=%ld: error %.3g\n",
+                              name(isa), fmt == Format::Codebook ? "codebook" : "uniform", bits, bs,
+                              acc == Accuracy::Int8 ? "int8" : "float", K, N, M, err);
+                  ok = false;
+                }
+                auto& slot = worst[{static_cast<int>(isa), static_cast<int>(fmt), bits, bs,
+                                    static_cast<int>(acc)}];
+                slot = std::max(slot, err);
+              }
+            }
+          }
+          ++cases;
+        }
+  std::printf("correctness: %d random cases, max |y - ref| / sum|terms| per path (1 and 2 threads)\n",
+              cases);
+  for (Isa isa : ps)
+    for (int fmt = 0; fmt < 2; ++fmt)
+      for (int acc = 0; acc < 2; ++acc) {
+        std::printf("  %-10s %-8s %-5s", name(isa), fmt ? "codebook" : "uniform", acc ? "int8" : "float");
+        for (int bits : {2, 4})
+          for (int64_t bs : {16, 32, 64, 128, 256})
+            std::printf(" %d/%ld:%.0e", bits, bs, worst[{static_cast<int>(isa), fmt, bits, bs, acc}]);
+        std::printf("\n");
+      }
+  return ok;
+}
+
+// ---- benchmark ----
+
+template <class F>
+double median_ms(F&& f, int reps) {
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<double> t(reps);
+  for (auto& x : t) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    x = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  }
+  std::nth_element(t.begin(), t.begin() + reps / 2, t.end());
+  return t[reps / 2];
+}
+
+// Read bandwidth of a 256 MB buffer, GB/s.
+double memory_gbps(const ParallelFor& parallel) {
+  const std::size_t n = std::size_t{1} << 25;
+  std::vector<uint64_t> buf(n, 1);
+  std::atomic<uint64_t> sink{0};
+  const double ms = median_ms([&] {
+    parallel(2, [&](std::size_t part) {
+      uint64_t s = 0;
+      for (std::size_t i = part * n / 2; i < (part + 1) * n / 2; ++i) s += buf[i];
+      sink += s;
+    });
+  }, 5);
+  return n * 8 / ms / 1e6;
+}
+
+void bench(Pool& pool, const char* only) {
+  const ParallelFor par2 = pool.parallel();
+  std::printf("memory read bandwidth (256 MB): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
+              memory_gbps(serial()), memory_gbps(par2));
+  struct Case {
+    const char* label;
+    int bits;
+    int64_t bs;
+    Format fmt;
+  };
+  const Case cases[] = {{"uniform 2-bit b32", 2, 32, Format::Uniform},
+                        {"uniform 2-bit b128", 2, 128, Format::Uniform},
+                        {"uniform 4-bit b32", 4, 32, Format::Uniform},
+                        {"codebook 2-bit b32", 2, 32, Format::Codebook},
+                        {"codebook 4-bit b32", 4, 32, Format::Codebook}};
+  const int64_t K = 4096, N = 4096;
+  const auto A = randn(32 * K);
+  std::vector<float> Y(32 * N);
+  std::printf("K = N = 4096, ms 1 thread / 2 threads, weight GB/s streamed on 1 thread (op inputs; "
+              "int8: the prepacked arrays)\n");
+  for (Isa isa : paths()) {
+    if (isa == Isa::Scalar || (only && std::strcmp(only, name(isa)) != 0)) continue;
+    for (const Case& c : cases) {
+      Weight w = random_weight(N, K, c.bits, c.bs, c.fmt, false);
+      for (Accuracy acc : {Accuracy::Int8, Accuracy::Float}) {
+        auto p = matmul_detail::prepack(w.view, acc, isa);
+        const std::size_t bytes = acc == Accuracy::Int8 ? p->bytes() : w.bytes();
+        std::printf("  %-10s %-19s %-5s", name(isa), c.label, acc == Accuracy::Int8 ? "int8" : "float");
+        for (int64_t M : {1, 8, 32}) {
+          double t[2];
+          for (int th = 0; th < 2; ++th)
+            t[th] = median_ms([&] { matmul_lowbit(*p, A.data(), M, nullptr, Y.data(), th ? par2 : serial()); },
+                              M == 1 ? 200 : 40);
+          std::printf("  M=%-2ld %.3f / %.3f", M, t[0], t[1]);
+          if (M == 1) std::printf(" (%.0f GB/s)", bytes / t[0] / 1e6);
+        }
+        std::printf("\n");
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  std::printf("isa: %s\n", isa());
+  Pool pool(2);
+  const bool ok = check(pool);
+  std::printf("%s\n", ok ? "all checks passed" : "SOME CHECKS FAILED");
+  if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) bench(pool, argc > 2 ? argv[2] : nullptr);
+  return ok ? 0 : 1;
+}
