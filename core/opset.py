@@ -4,7 +4,9 @@ Needed when a pass emits operators or types newer than the model's opset (e.g. b
 ``DequantizeLinear`` needs opset 21, int2 needs 25). The converter rewrites nodes whose
 signature changed between versions (ReduceMean's axes becoming an input, Split's sizes…), so a
 plain bump of the opset number would be wrong. Raises ``UserError`` naming the versions when the
-converter cannot handle the model.
+converter cannot handle the model. The converter drops node metadata (e.g. ``rotate``'s
+``lowbit.role`` marks, which keep its online rotations out of the quantizer), so it is copied back
+by node name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def upgrade(model: ir.Model, version: int) -> None:
         raise UserError(f"cannot raise the model from opset {current} to {version} (needed for the quantized "
                         f"operators): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     new = ir.serde.deserialize_model(converted)
+    metadata = {node.name: dict(node.metadata_props) for node in model.graph.all_nodes() if node.metadata_props}
+    for node in new.graph.all_nodes():
+        node.metadata_props.update(metadata.get(node.name, {}))
     model.graph = new.graph
     model.opset_imports[""] = version
     model.graph.opset_imports[""] = version

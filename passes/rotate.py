@@ -43,10 +43,14 @@ Online mode (``mode=online``), for everything else (post-norm BERT-style models,
     down_proj input — QuaRot's R₄ — which ``down=true`` adds in fused mode): before a linear
     layer with a constant weight, x·W = (x·H)·(Hᵀ·W) with x·H computed at run time — a MatMul
     with the constant H (``online=matmul``; a 1×1 Conv with weight Hᵀ before a 1×1 Conv), or
-    lowbit's ``Hadamard`` op (``online=op``, issue #7's runtime). Layers reading the same tensor
+    lowbit's ``Hadamard`` op (``online=op``, issue #7's runtime: x·H = Hadamard(x ∘ s) for
+    H = diag(s)·Wᵀ/√g with W the g×g Walsh–Hadamard matrix — natural order for kind=hadamard
+    of a power-of-two width, sequency order for kind=walsh, ``group`` for kind=gsr — a sign Mul
+    and the O(k log g) transform; other widths (a Paley factor) stay MatMuls, with a warning;
+    ``online=auto`` takes the op when the native library is built). Layers reading the same tensor
     share one online rotation. In online mode the default targets are every linear layer with a
     constant weight (MatMul, Gemm, 1×1 Conv with group 1); ``targets=[…]`` names nodes instead.
-    The inserted MatMul carries node metadata ``lowbit.role=rotation`` and is not quantized.
+    The inserted nodes carry node metadata ``lowbit.role=rotation`` and are not quantized.
 
 The report lists, for each rewritten weight, kurtosis and max/RMS before and after
 (``lowbit.analysis.outliers``).
@@ -66,6 +70,7 @@ from lowbit.core.errors import UserError, did_you_mean
 from lowbit.passes.base import Pass, option
 from lowbit.passes.edit import Names, const_array, new_const, set_const
 from lowbit.quant import rotations
+from lowbit.runtime import ops, reference
 
 ROLE_KEY = "lowbit.role"
 ROLE_ROTATION = "rotation"
@@ -90,6 +95,21 @@ class RotateOptions:
             raise UserError("option 'online' of pass rotate: online=op runs a fast Hadamard transform, which kind=random has not; use online=matmul")
 
 
+def _use_hadamard_op(online: str) -> bool:
+    """online=op: lowbit's Hadamard op (native, or the numpy reference through onnxruntime-extensions);
+    auto: the op when the native library is built; matmul: never."""
+    if online == "matmul":
+        return False
+    from lowbit.passes.lower import native_available, reference_available
+
+    if native_available():
+        return True
+    if online == "op" and not reference_available():
+        raise UserError("option online=op of pass rotate needs lowbit's native op library or onnxruntime-extensions "
+                        "(to run the Hadamard op on the numpy reference); use online=matmul")
+    return online == "op"
+
+
 class _NoStream(Exception):
     """Why fused mode cannot rotate this graph (one sentence naming the node)."""
 
@@ -104,13 +124,8 @@ class Rotate(Pass):
 
     def run(self, model: ir.Model, ctx) -> bool:
         opts = self.options
-        if opts.online == "op":
-            raise UserError(
-                "online=op needs lowbit's native Hadamard op, which this installation does not "
-                "provide yet; use online=matmul (or online=auto)"
-            )
         graph = model.graph
-        edit = _Editor(model, ctx, opts)
+        edit = _Editor(model, ctx, opts, use_op=_use_hadamard_op(opts.online))
         # Everything is found before anything is rewritten, so a refusal leaves the model as it was.
         # Heads go first: an online rotation of the o_proj input must see the head-rotated weight.
         from lowbit.analysis.stats import infer_shapes
@@ -705,8 +720,9 @@ def _trace_head(mm: ir.Node, shapes) -> _Head | None:
 
 
 class _Editor:
-    def __init__(self, model: ir.Model, ctx, opts: RotateOptions):
+    def __init__(self, model: ir.Model, ctx, opts: RotateOptions, use_op: bool = False):
         self.model, self.ctx, self.opts = model, ctx, opts
+        self.use_op = use_op
         self.graph = model.graph
         self.names = Names(model.graph)
         self.before: dict[str, tuple[list[str], np.ndarray, _Linear]] = {}
@@ -831,6 +847,21 @@ class _Editor:
             self._online[k] = {"s": s, "a": a, "b": b, "h": unsigned if s is None else s[:, None] * unsigned}
         return self._online[k]["h"]
 
+    def _hadamard_form(self, k: int) -> tuple[np.ndarray | None, int, str] | None:
+        """(signs, group, order) with x·H = lowbit.Hadamard(x ∘ signs), or None (not a power-of-two
+        Walsh–Hadamard block: a Kronecker factor A, or a random matrix); warns once per width."""
+        spec = self._online[k]
+        b = spec["b"]
+        factors = reference.hadamard_factors(b) if spec["a"] is None and k % b.shape[0] == 0 else None
+        if factors is None:
+            if not spec.get("warned"):
+                spec["warned"] = True
+                self.ctx.warn(f"online rotation of width {k} is not a power-of-two Hadamard/Walsh block; it runs as a MatMul")
+            return None
+        inner, order = factors
+        signs = np.tile(inner, k // b.shape[0]) * (1.0 if spec["s"] is None else spec["s"])
+        return (None if np.all(signs > 0) else signs), b.shape[0], order
+
     def _shared(self, k: int, key: str, array: np.ndarray, dtype) -> ir.Value:
         cache = self._online[k].setdefault("values", {})
         if key not in cache:
@@ -852,8 +883,19 @@ class _Editor:
             nodes.append(node)
             return node.outputs[0]
 
+        op_form = self._hadamard_form(k) if self.use_op and members[0].op != "conv" and dtype == np.float32 else None
         if members[0].op == "conv":
             out = add("Conv", [x, self._shared(k, "conv", spec["h"].T[:, :, None, None], dtype)])
+        elif op_form is not None:
+            signs, group, order = op_form
+            cur = x if signs is None else add("Mul", [x, self._shared(k, "hadamard_signs", signs, dtype)])
+            attributes = {"size": k, **({"group": group} if group != k else {}), **({"order": order} if order != "natural" else {})}
+            node = ir.node("Hadamard", [cur], attributes=attributes, domain=ops.DOMAIN, name=self.names.fresh(f"{base}.rotate_hadamard"))
+            node.metadata_props[ROLE_KEY] = ROLE_ROTATION
+            node.outputs[0].name = self.names.fresh(f"{node.name}.out")
+            nodes.append(node)
+            self.model.opset_imports.setdefault(ops.DOMAIN, ops.VERSION)
+            out = node.outputs[0]
         else:
             cur = x if spec["s"] is None else add("Mul", [x, self._shared(k, "signs", spec["s"], dtype)])
             b, a = spec["b"], spec["a"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from helpers import refused
@@ -26,6 +25,7 @@ from lowbit.core.compile import compress
 from lowbit.core.errors import UserError
 from lowbit.models import data, demo, evaluate, minilm
 from lowbit.quant import rotations
+from lowbit.runtime.session import session
 
 TOL = 1e-4
 
@@ -35,9 +35,8 @@ def _rel(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _run(path, feed: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    # lowbit's session: models with online=op rotations need the lowbit op library registered
+    return session(str(path), optimization="disable").run(None, feed)[0]
 
 
 def _ops(path) -> dict[str, int]:
@@ -268,12 +267,14 @@ def test_online_conv_and_gemm_exact(tmp_path):
 
     src, out = tmp_path / "m.onnx", tmp_path / "r.onnx"
     io.save(_conv_gemm_model(), src)
-    report = compress(src, out, "rotate(mode=online)", progress=False)
     feed = {"x": np.random.default_rng(0).standard_normal((3, 16, 4, 4)).astype(np.float32)}
-    assert _rel(_run(src, feed), _run(out, feed)) <= 1e-5
-    assert _notes(report)["rotations"]["online_online"] == 2
-    ops = _ops(out)
-    assert ops["Conv"] == 2 and ops["MatMul"] == 1  # a 1×1 Conv rotates the Conv's input
+    for online, rotation_op in (("matmul", "MatMul"), ("op", "Hadamard")):
+        report = compress(src, out, f"rotate(mode=online,online={online})", progress=False)
+        assert _rel(_run(src, feed), _run(out, feed)) <= 1e-5
+        assert _notes(report)["rotations"]["online_online"] == 2
+        ops = _ops(out)
+        # a 1×1 Conv rotates the Conv's input; the Gemm's 256-wide input is rotated by rotation_op
+        assert ops["Conv"] == 2 and ops[rotation_op] == 1 and ops.get("MatMul", 0) == (rotation_op == "MatMul")
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,3 +340,20 @@ def test_llama_w2_gptq_gsr_ties_hadamard(tmp_path):
     assert scores["gsr"] <= scores["hadamard"] + 0.013
     for kind in ("hadamard", "gsr"):
         assert scores[kind] - float_bpb <= 0.95 * (scores["none"] - float_bpb)
+
+
+def test_online_rotation_survives_an_opset_upgrade(tmp_path):
+    """quantize(weights=2) raises the opset to 25 through onnx's version converter, which drops node
+    metadata; the rotation's ``lowbit.role`` mark must survive, so its matrix stays float."""
+    from lowbit.core import io
+
+    src, out = tmp_path / "m.onnx", tmp_path / "r.onnx"
+    io.save(_conv_gemm_model(), src)
+    compress(src, out, "rotate(mode=online,online=matmul),quantize(weights=2,granularity=block,block=16)", progress=False)
+    model = onnx.load(str(out))
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {25}
+    marked = [n for n in model.graph.node if any(p.key == "lowbit.role" for p in n.metadata_props)]
+    assert sorted(n.op_type for n in marked) == ["Conv", "MatMul", "Mul"]  # Mul: the random signs
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert all(n.input[1] in floats for n in marked)  # the rotation matrices were not quantized
+    assert _ops(out)["DequantizeLinear"] == 2  # the model's own Conv and Gemm weights were
