@@ -143,9 +143,10 @@ def activation_targets(graph: ir.Graph, *, keep_float: dict[str, str] | None = N
     _ensure_types(graph)
     keep_float = keep_float or {}
     targets, seen = [], set()
+    weights = _weight_values(graph)
 
     def consider(value: ir.Value | None):
-        if value is None or value.name in seen or _is_const(value):
+        if value is None or value.name in seen or _is_const(value) or value.name in weights:
             return
         seen.add(value.name)
         if value.dtype not in _FLOATS or value.name in keep_float:
@@ -171,6 +172,17 @@ def activation_targets(graph: ir.Graph, *, keep_float: dict[str, str] | None = N
         for value in node.outputs:
             consider(value)
     return targets
+
+
+def _weight_values(graph: ir.Graph) -> set[str]:
+    """Values computed from constants alone — e.g. a blocked Conv weight's DequantizeLinear →
+    Reshape — which are weights, not activations: quantizing them again would put 8-bit QDQ on a
+    weight already quantized."""
+    derived: set[str] = set()
+    for node in graph:  # topological order
+        if node.inputs and all(v is None or _is_const(v) or v.name in derived for v in node.inputs):
+            derived.update(v.name for v in node.outputs)
+    return derived
 
 
 def insert_qdq(graph: ir.Graph, value: ir.Value, scale: float, zero_point: int, dtype: np.dtype) -> None:

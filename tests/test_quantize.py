@@ -678,6 +678,19 @@ def test_activation_qdq_only_where_documented(bits, dtype):
     assert sqnr >= (24 if bits == 8 else 38), sqnr  # measured: 26.5 dB (W8A8), 41.7 dB (W8A16)
 
 
+def test_blocked_conv_weights_are_not_quantized_again_as_activations():
+    """A blocked Conv weight is DequantizeLinear → Reshape (to OIHW): computed from constants, so
+    it is a weight, not an activation — W4A8 puts activation Q/DQ on x and relu.out only, and the
+    4-bit codes reach the Conv unchanged."""
+    model = _placement_model()
+    calib = {"x": _rng("act").standard_normal((32, 4, 6, 6)).astype(np.float32)}
+    quantize(model, "weights=4,granularity=block,block=16,activations=8", calib, verify=True)
+    assert set(_quantized_tensors(model)) == {"x", "relu.out"}
+    c1 = next(n for n in model.graph if n.name == "c1")
+    assert c1.inputs[1].producer().op_type == "Reshape"
+    assert c1.inputs[1].producer().inputs[0].producer().inputs[0].dtype == ir.DataType.INT4
+
+
 def _decomposed_model() -> ir.Model:
     """MatMul → RMSNorm as exported (Pow, ReduceMean, Add ε, Sqrt, Reciprocal, Mul x, Mul γ)
     → MatMul → GELU as exported by PyTorch (Div √2, Erf, Add 1, Mul x, Mul ½) → MatMul → Softmax."""
