@@ -252,7 +252,9 @@ def _shapes_from_onnxruntime(model: ir.Model, missing: list[ir.Value], batch: in
     try:
         sess = session(probe, threads=1, optimization="disable")
         meta = {o.name: o.shape for o in sess.get_outputs()}
-        shapes = {name: _static(meta.get(name)) for name in wanted}
+        # onnxruntime declares [] for the outputs of custom ops it cannot infer (lowbit's, contrib
+        # ones), the same as for a scalar: an empty shape is asked of a run instead
+        shapes = {name: _static(meta.get(name)) or None for name in wanted}
         if any(s is None for s in shapes.values()):
             specs = input_specs(model)
             feed = random_feed(specs, batch, np.random.default_rng(seed))
