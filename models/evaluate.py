@@ -42,14 +42,13 @@ _BATCH = 32
 
 
 def open_session(model: ModelLike) -> ort.InferenceSession:
-    """Return ``model`` if it is a session, else open it (path or serialized bytes) on the CPU."""
+    """Return ``model`` if it is a session, else open it (path or serialized bytes) on the CPU with
+    ``lowbit.runtime.session``, so lowered models find lowbit's op library."""
+    from lowbit.runtime.session import session
+
     if isinstance(model, ort.InferenceSession):
         return model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if isinstance(model, (bytes, bytearray)):
-        return ort.InferenceSession(bytes(model), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
+    return session(bytes(model) if isinstance(model, bytearray) else model)
 
 
 def _run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:

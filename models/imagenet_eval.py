@@ -134,15 +134,9 @@ def write_calib(folder: str | os.PathLike[str], n: int = N_CALIB) -> pathlib.Pat
 
 def logits(model: ModelLike, images: np.ndarray, *, batch: int = 20) -> np.ndarray:
     """The model's first output on ``images`` (first input), ``batch`` images per call."""
-    import onnxruntime as ort
+    from lowbit.models.evaluate import open_session
 
-    if isinstance(model, ort.InferenceSession):
-        session = model
-    else:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = open_session(model)
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     if isinstance(fixed, int):

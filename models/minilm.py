@@ -313,17 +313,6 @@ def load_data(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
 # Embeddings and the metric
 
 
-def _session(model: ModelLike):
-    import onnxruntime as ort
-
-    if isinstance(model, ort.InferenceSession):
-        return model
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = bytes(model) if isinstance(model, (bytes, bytearray)) else os.fspath(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean of the token vectors the mask keeps, L2-normalised: float32 [batch, hidden].
 
@@ -346,7 +335,9 @@ def embed(model: ModelLike, input_ids: np.ndarray, attention_mask: np.ndarray, *
     to its longest sentence (padding past it changes nothing: masked keys get zero attention and
     masked tokens are not pooled), and come back in the input order.
     """
-    session = _session(model)
+    from lowbit.models.evaluate import open_session
+
+    session = open_session(model)
     names = {i.name for i in session.get_inputs()}
     if not {"input_ids", "attention_mask"} <= names:
         raise ValueError(f"embed: the model's inputs are {sorted(names)}, expected input_ids and attention_mask")
