@@ -24,7 +24,7 @@ def interleaved(models: dict[str, str | os.PathLike[str]], feed: dict[str, np.nd
     """Milliseconds of each of ``runs`` timed calls per model (``models``: key → path), after
     ``warmup`` untimed rounds; sessions on ``threads`` intra-op threads (``lowbit.runtime.session``,
     graph optimisation "all"); one ``feed`` for every model."""
-    sessions = {key: session(path, threads=threads) for key, path in models.items()}
+    sessions = {key: session(path, threads=threads, spinning=False) for key, path in models.items()}
     for _ in range(warmup):
         for s in sessions.values():
             s.run(None, feed)
