@@ -575,9 +575,14 @@ def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Name
         strides = list(attribute(node, "strides", [1, 1]))
         dilations = list(attribute(node, "dilations", [1, 1]))
         pads = _pads(node, kernel, strides, dilations, shapes)
+        x = node.inputs[0]
+        absorbed = _zero_pad(x)
+        if absorbed is not None:  # onnxruntime fuses Pad into a float Conv; ConvLowBit takes it the same way
+            x, extra = absorbed
+            pads = [p + e for p, e in zip(pads, extra)]
         attrs.update(kernel_shape=[int(v) for v in kernel], strides=strides, pads=pads, dilations=dilations,
                      group=int(attribute(node, "group", 1)))
-        inputs = [node.inputs[0], *_weight_inputs(graph, names, _base(layer), w),
+        inputs = [x, *_weight_inputs(graph, names, _base(layer), w),
                   node.inputs[2] if len(node.inputs) > 2 else None]
         while inputs and inputs[-1] is None:
             inputs.pop()
@@ -633,6 +638,26 @@ def _pads(node: ir.Node, kernel, strides, dilations, shapes: dict | None) -> lis
     if auto_pad == "VALID":
         return [0, 0, 0, 0]
     return [int(v) for v in attribute(node, "pads", [0, 0, 0, 0])]
+
+
+def _zero_pad(x: ir.Value) -> tuple[ir.Value, list[int]] | None:
+    """(Pad's input, [top, left, bottom, right]) when ``x`` is a 4-D constant-mode Pad by zeros of
+    the two spatial axes only — which a Conv's own pads do the same as — else None. The Pad stays
+    for any other reader (and is removed when the Conv was its only one)."""
+    pad = x.producer()
+    if pad is None or pad.op_type != "Pad" or pad.domain not in _ONNX or attribute(pad, "mode", "constant") != "constant":
+        return None
+    if len(pad.inputs) > 1:
+        amounts = const_array(pad.inputs[1])
+        value = const_array(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else np.zeros(1)
+        if amounts is None or value is None or (len(pad.inputs) > 3 and pad.inputs[3] is not None):
+            return None  # run-time amounts or value, or an axes input
+    else:  # opset < 11: attributes
+        amounts, value = np.asarray(attribute(pad, "pads", [])), np.asarray(attribute(pad, "value", 0.0))
+    amounts = np.asarray(amounts).reshape(-1)
+    if amounts.size != 8 or np.any(amounts < 0) or np.any(amounts[[0, 1, 4, 5]] != 0) or np.any(np.asarray(value) != 0):
+        return None
+    return pad.inputs[0], [int(amounts[2]), int(amounts[3]), int(amounts[6]), int(amounts[7])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,7 +726,7 @@ def _measure(model: ir.Model, layer: Layer, choices: list[str], x_shape, accurac
             raise RuntimeError(f"the one-layer model of '{layer.name}' holds {len(layers)} lowerable layers")
         apply(mini, layers[0], choice, accuracy, Names(mini.graph))
         common.RemoveUnusedNodesPass()(mini)
-        sessions[choice] = session(mini, threads=o.threads)
+        sessions[choice] = session(mini, threads=o.threads, spinning=False)
     best = {c: float("inf") for c in choices}
     for sess in sessions.values():
         sess.run(None, feed)  # warm up (prepacking, allocations)
