@@ -586,8 +586,15 @@ def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Name
                   node.inputs[2] if len(node.inputs) > 2 else None]
         while inputs and inputs[-1] is None:
             inputs.pop()
+        act = _clamp_after(node.outputs[0])
+        if act is not None:  # onnxruntime fuses Relu/Clip into a float Conv; ConvLowBit clamps as it stores
+            attrs.update(clip_min=act[1], clip_max=act[2])
         new = ir.node("ConvLowBit", inputs, domain=ops.DOMAIN, name=node.name, attributes=attrs)
         emit._replace_node(graph, node, [new])
+        if act is not None:
+            from onnx_ir.convenience import replace_nodes_and_values
+
+            replace_nodes_and_values(graph, act[0], [act[0]], [], act[0].outputs, new.outputs)
         return
     if choice == "Hadamard":
         layer = _rotation(layer.node) or layer  # its input may be the output of a layer lowered since
@@ -638,6 +645,31 @@ def _pads(node: ir.Node, kernel, strides, dilations, shapes: dict | None) -> lis
     if auto_pad == "VALID":
         return [0, 0, 0, 0]
     return [int(v) for v in attribute(node, "pads", [0, 0, 0, 0])]
+
+
+def _clamp_after(y: ir.Value) -> tuple[ir.Node, float, float] | None:
+    """(node, low, high) when the Conv output ``y`` feeds only a Relu or a Clip with constant
+    bounds (ReLU6), so the clamp can be fused into ConvLowBit; else None."""
+    users = y.uses()
+    if len(users) != 1 or y.is_graph_output():
+        return None
+    act = users[0][0]
+    if act.domain not in _ONNX:
+        return None
+    if act.op_type == "Relu":
+        return act, 0.0, float("inf")
+    if act.op_type != "Clip":
+        return None
+    if len(act.inputs) == 1 and ("min" in act.attributes or "max" in act.attributes):  # opset < 11
+        return act, float(attribute(act, "min", -np.inf)), float(attribute(act, "max", np.inf))
+    bounds = []
+    for i, default in ((1, -np.inf), (2, np.inf)):
+        value = act.inputs[i] if len(act.inputs) > i else None
+        array = None if value is None else const_array(value)
+        if value is not None and (array is None or array.size != 1):
+            return None  # a run-time bound
+        bounds.append(default if array is None else float(array.reshape(-1)[0]))
+    return (act, *bounds) if bounds[0] <= bounds[1] else None
 
 
 def _zero_pad(x: ir.Value) -> tuple[ir.Value, list[int]] | None:

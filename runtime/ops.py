@@ -60,7 +60,9 @@ ConvLowBit
   ``kernel_shape`` [kh, kw] (required), ``strides`` [sh, sw] (default 1, 1), ``pads``
   [top, left, bottom, right] (default 0s; explicit pads only — the lower pass resolves
   ``auto_pad``), ``dilations`` [dh, dw] (default 1, 1), ``group`` (default 1; C and N divisible
-  by it; group = C = N is depthwise). OH = ⌊(H + top + bottom − dh·(kh − 1) − 1) / sh⌋ + 1, likewise
+  by it; group = C = N is depthwise), ``clip_min`` / ``clip_max`` (floats, default −∞ / +∞:
+  Y = min(max(conv + bias, clip_min), clip_max) — a following Relu (0, +∞) or Clip/ReLU6 (0, 6)
+  fused in; clip_min ≤ clip_max). OH = ⌊(H + top + bottom − dh·(kh − 1) − 1) / sh⌋ + 1, likewise
   OW, as ONNX Conv.
 
 Hadamard

@@ -274,10 +274,12 @@ def _check_conv_attributes(N, K, kernel_shape, strides, pads, dilations, group) 
 
 def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, *, N, K, bits, block_size,
                 format="uniform", accuracy="float", kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0),
-                dilations=(1, 1), group=1) -> np.ndarray:
-    """Y[B, N, OH, OW] = Conv2D(X[B, C, H, W], Ŵ as [N, C/group, kh, kw]) (+ bias) — ``ConvLowBit``."""
+                dilations=(1, 1), group=1, clip_min=-np.inf, clip_max=np.inf) -> np.ndarray:
+    """Y[B, N, OH, OW] = clamp(Conv2D(X[B, C, H, W], Ŵ as [N, C/group, kh, kw]) (+ bias), clip_min,
+    clip_max) — ``ConvLowBit``."""
     check_weight(W, scales, zero_points, levels, bias, K=K, N=N, bits=bits, block_size=block_size,
                  format=format, accuracy=accuracy)
+    clip_min, clip_max = check_clip(clip_min, clip_max)
     (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = _check_conv_attributes(N, K, kernel_shape, strides, pads, dilations, group)
     X = _check_activation("X", X, None, "")
     per_group = K // (kh * kw)
@@ -304,7 +306,17 @@ def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, *, N, K,
                                     None if levels is None else levels[rows], K, bits, block_size, format, accuracy)
     if bias is not None:
         out += bias
+    if clip_min > -np.inf or clip_max < np.inf:
+        np.clip(out, np.float32(clip_min), np.float32(clip_max), out=out)
     return np.ascontiguousarray(out.reshape(batch, oh, ow, N).transpose(0, 3, 1, 2)).astype(_F32)
+
+
+def check_clip(clip_min, clip_max) -> tuple[float, float]:
+    """ConvLowBit's fused clamp bounds, validated (``ValueError`` naming the attribute)."""
+    low, high = float(clip_min), float(clip_max)
+    if np.isnan(low) or np.isnan(high) or low > high:
+        raise ValueError(f"attributes 'clip_min' = {low} and 'clip_max' = {high} must be numbers with clip_min <= clip_max")
+    return low, high
 
 
 def check_hadamard_attributes(*, size, group=None, order="natural", scale=None) -> tuple[int, str, float]:
@@ -390,7 +402,7 @@ def _node_config(node) -> dict:
                                                         order=attrs.get("order", "natural"), scale=attrs.get("scale"))
         return {"size": int(attrs["size"]), "group": group, "order": order, "scale": scale}
     common = {"K", "N", "bits", "block_size", "format", "accuracy"}
-    conv = {"kernel_shape", "strides", "pads", "dilations", "group"}
+    conv = {"kernel_shape", "strides", "pads", "dilations", "group", "clip_min", "clip_max"}
     unknown = set(attrs) - common - (conv if op == "ConvLowBit" else set())
     if unknown:
         raise ValueError(f"unknown attribute '{sorted(unknown)[0]}'")
@@ -405,8 +417,9 @@ def _node_config(node) -> dict:
                       "pads": attrs.get("pads", (0, 0, 0, 0)), "dilations": attrs.get("dilations", (1, 1)),
                       "group": attrs.get("group", 1)}
         kernel, strides, pads, dilations = _check_conv_attributes(config["N"], config["K"], **conv_attrs)
+        clip_min, clip_max = check_clip(attrs.get("clip_min", -np.inf), attrs.get("clip_max", np.inf))
         config.update(kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
-                      dilations=list(dilations), group=int(conv_attrs["group"]))
+                      dilations=list(dilations), group=int(conv_attrs["group"]), clip_min=clip_min, clip_max=clip_max)
     return {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in config.items()}
 
 

@@ -213,6 +213,9 @@ def test_conv_and_gemm_layouts_lower_exactly(bits):
     convs = [n for n in model.graph if n.op_type == "ConvLowBit"]
     assert list(convs[0].attributes["pads"].value) == [0, 0, 1, 1] and convs[0].attributes["group"].value == 4  # SAME_UPPER
     assert list(convs[1].attributes["dilations"].value) == [2, 2] and convs[1].attributes["K"].value == 18
+    # the Relu after the grouped conv is fused into it, as onnxruntime fuses it into a float Conv
+    assert "Relu" not in ops and convs[1].attributes["clip_min"].value == 0.0
+    assert convs[1].attributes["clip_max"].value == float("inf") and "clip_min" not in convs[0].attributes
     assert len(pass_notes(ctx, "lower")["layers"]) == 4
     assert _rel(_run(model, x), want) <= 1e-5
 
@@ -371,3 +374,28 @@ def test_unquantized_model_is_left_unchanged():
     record = ctx.report.passes[0]
     assert not record.changed and record.notes["lowered"] == 0
     assert any("no quantized layer" in w for w in record.warnings)
+
+
+def test_relu6_after_a_conv_is_fused_as_its_clamp():
+    """Conv → Clip(0, 6) (ReLU6, as EfficientNet-Lite exports it) becomes one ConvLowBit with
+    clip_min 0 and clip_max 6; the outputs equal the QDQ model's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], initializer=inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    x = {"x": (3 * rng.standard_normal((2, 4, 6, 6))).astype(np.float32)}
+    run_pipeline(model, "quantize(weights=4,block=32)")
+    want = _run(model, x)
+    run_pipeline(model, "lower(select=rule,use=lowbit,accuracy=float)")
+    (conv,) = [n for n in model.graph if n.op_type == "ConvLowBit"]
+    assert _ops(model) == {"lowbit.ConvLowBit": 1}
+    assert (conv.attributes["clip_min"].value, conv.attributes["clip_max"].value) == (0.0, 6.0)
+    assert 0 < np.mean(want == 6.0) and 0 < np.mean(want == 0.0)  # both bounds are reached
+    assert _rel(_run(model, x), want) <= 1e-5

@@ -337,6 +337,30 @@ def test_conv_matches_reference(case, format, accuracy):
         assert rel_err(y, ref) <= 1e-4, rel_err(y, ref)
 
 
+@pytest.mark.parametrize("clip", [(0.0, float("inf")), (0.0, 6.0), (-0.5, 0.25)])
+def test_conv_fused_clamp_matches_reference(clip):
+    """clip_min/clip_max (a fused Relu or ReLU6) clamp after the bias, native as the reference."""
+    rng = np.random.default_rng(21)
+    W, scales, zp, _ = weight(rng, 6, 4 * 9, bits=4, block_size=32)
+    X = rng.normal(size=(1, 4, 7, 7)).astype(np.float32)
+    bias = rng.normal(size=6).astype(np.float32)
+    attrs = dict(N=6, K=36, bits=4, block_size=32, kernel_shape=[3, 3], pads=[1, 1, 1, 1], clip_min=clip[0], clip_max=clip[1])
+    y = run(model("ConvLowBit", X, {"W": W, "scales": scales, "zero_points": zp, "bias": bias}, attrs), {"X": X})
+    ref = reference.conv_lowbit(X, W, scales, zp, None, bias, **attrs)
+    unclamped = reference.conv_lowbit(X, W, scales, zp, None, bias, **{**attrs, "clip_min": -np.inf, "clip_max": np.inf})
+    assert rel_err(y, ref) <= 1e-5 and y.min() >= clip[0] and y.max() <= clip[1]
+    assert 0 < np.mean(ref != unclamped) < 1  # the bounds cut some outputs and not others
+
+
+def test_conv_clip_bounds_reversed():
+    rng = np.random.default_rng(22)
+    W, scales, _, _ = weight(rng, 4, 9, bits=4, block_size=16)
+    attrs = dict(K=9, N=4, bits=4, block_size=16, kernel_shape=[3, 3], group=1, clip_min=1.0, clip_max=0.0)
+    with pytest.raises(Exception) as info:
+        native_session(model("ConvLowBit", None, {"W": W, "scales": scales}, attrs, name="c"))
+    assert "ConvLowBit node 'c': attributes 'clip_min'" in str(info.value) and "clip_min <= clip_max" in str(info.value)
+
+
 @pytest.mark.parametrize("order", ["natural", "sequency"])
 @pytest.mark.parametrize("size,group,scale", [(16, None, None), (16, 4, None), (96, 32, None), (256, 256, None),
                                               (4096, 64, 0.5), (2, 1, None), (512, 2, 1.0)])

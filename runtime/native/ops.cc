@@ -12,10 +12,12 @@
 // with 1.17), so it also loads into onnxruntime 1.17 … 1.20.
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -450,6 +452,7 @@ struct MatMulKernel : Kernel {
 struct ConvKernel : Kernel {
   WeightState weight;
   int64_t kh = 1, kw = 1, group = 1;
+  float clip_min = -std::numeric_limits<float>::infinity(), clip_max = std::numeric_limits<float>::infinity();
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
 
   ConvKernel(const Attributes& a, const OrtKernelInfo* info) : weight(a, info, true) {
@@ -476,6 +479,11 @@ struct ConvKernel : Kernel {
     if (at.K % (kh * kw) != 0)
       a.fail("attribute 'K' = " + std::to_string(at.K) + " is not (C / group) * kh * kw for 'kernel_shape' " +
              shape_text(kernel_shape));
+    a.float32("clip_min", &clip_min);
+    a.float32("clip_max", &clip_max);
+    if (std::isnan(clip_min) || std::isnan(clip_max) || clip_min > clip_max)
+      a.fail("attributes 'clip_min' = " + std::to_string(clip_min) + " and 'clip_max' = " + std::to_string(clip_max) +
+             " must be numbers with clip_min <= clip_max");
   }
 
   void compute(OrtKernelContext* context) override {
@@ -522,6 +530,16 @@ struct ConvKernel : Kernel {
     float* Y = output(context, label, {s.batch, s.N, s.OH, s.OW});
     if (s.batch == 0) return;
     conv_lowbit(packed, s, X.as<float>(), bias, Y, ort_parallel_for(context));
+    if (clip_min > -std::numeric_limits<float>::infinity() || clip_max < std::numeric_limits<float>::infinity()) {
+      // the fused Relu/Clip, while Y is still in cache (one pass instead of another node's)
+      // (ternaries, not std::min/max, so that the compiler vectorizes the loop)
+      const int64_t count = s.batch * s.N * s.OH * s.OW;
+      const float lo = clip_min, hi = clip_max;
+      for (int64_t i = 0; i < count; ++i) {
+        const float v = Y[i] < lo ? lo : Y[i];
+        Y[i] = v > hi ? hi : v;
+      }
+    }
   }
 };
 
