@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "conv_internal.h"
+#include "selftest.h"
 
 using namespace lowbit;
 
@@ -21,44 +22,18 @@ namespace {
 
 std::mt19937 rng(7);
 
-// ---- the reference: ops.py's formulas, one output element at a time ----
+using selftest::code;
+using selftest::median_ms;
+using selftest::Pool;
+using selftest::Weight;
 
-struct Weight {
-  std::vector<uint8_t> packed, zp;
-  std::vector<float> scales, levels;
-  LowBitWeight view;
-};
+std::vector<float> randn(int64_t n, float sigma = 1.f) { return selftest::randn(rng, n, sigma); }
 
 Weight random_weight(int64_t N, int64_t K, int bits, int64_t bs, Format fmt, bool with_zp) {
-  Weight w;
-  const int64_t nb = (K + bs - 1) / bs, ncodes = 1 << bits;
-  std::uniform_int_distribution<int> byte(0, 255), code(0, ncodes - 1);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  w.packed.resize(N * nb * bs * bits / 8);
-  for (auto& b : w.packed) b = static_cast<uint8_t>(byte(rng));
-  w.scales.resize(N * nb);
-  for (auto& s : w.scales) s = 0.01f + 0.05f * std::fabs(nd(rng));
-  if (fmt == Format::Codebook) {
-    w.levels.resize(N * nb * ncodes);
-    for (auto& l : w.levels) l = nd(rng);
-  } else if (with_zp) {
-    w.zp.resize(N * nb);
-    for (auto& z : w.zp) z = static_cast<uint8_t>(code(rng));
-  }
-  LowBitWeight& v = w.view;
-  v.packed = w.packed.data();
-  v.scales = w.scales.data();
-  v.zero_points = w.zp.empty() ? nullptr : w.zp.data();
-  v.levels = w.levels.empty() ? nullptr : w.levels.data();
-  v.N = N, v.K = K, v.bits = bits, v.block_size = bs, v.format = fmt;
-  return w;
+  return selftest::random_weight(rng, N, K, bits, bs, fmt, with_zp);
 }
 
-int ref_code(const LowBitWeight& w, int64_t n, int64_t k) {
-  const int64_t nb = w.blocks(), b = k / w.block_size, j = k % w.block_size;
-  const uint8_t byte = w.packed[(n * nb + b) * (w.block_size * w.bits / 8) + j * w.bits / 8];
-  return (byte >> ((j * w.bits) % 8)) & ((1 << w.bits) - 1);
-}
+// ---- the reference: ops.py's formulas, one output element at a time ----
 
 // im2col row of output pixel (oh, ow) in group g: order c·kh·kw + ky·kw + kx.
 std::vector<float> ref_row(const ConvShape& s, const float* X, int64_t img, int64_t g, int64_t oh,
@@ -95,7 +70,7 @@ std::vector<float> ref_conv(const LowBitWeight& w, Accuracy acc, const ConvShape
               const float* lv = w.levels ? w.levels + (n * nb + b) * ncodes : nullptr;
               if (acc == Accuracy::Float) {
                 for (int64_t k = k0; k < k1; ++k) {
-                  const int c = ref_code(w, n, k);
+                  const int c = code(w, n, k);
                   const float wd = lv ? lv[c] * sc : static_cast<float>(c - zp) * sc;
                   y += static_cast<double>(a[k]) * wd;
                 }
@@ -109,7 +84,7 @@ std::vector<float> ref_conv(const LowBitWeight& w, Accuracy acc, const ConvShape
               int64_t isum = 0;
               for (int64_t k = k0; k < k1; ++k) {
                 const float q = amax == 0.f ? 0.f : std::nearbyint(a[k] * (127.f / amax));
-                const int c = ref_code(w, n, k);
+                const int c = code(w, n, k);
                 const float wi = lv ? (lmax == 0.f ? 0.f : std::nearbyint(lv[c] * 127.f / lmax))
                                     : static_cast<float>(c - zp);
                 isum += static_cast<int64_t>(q) * static_cast<int64_t>(wi);
@@ -122,56 +97,6 @@ std::vector<float> ref_conv(const LowBitWeight& w, Accuracy acc, const ConvShape
         }
   return Y;
 }
-
-// ---- a 2-thread ParallelFor: the caller plus one spinning worker ----
-
-class Pool {
- public:
-  explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
-  }
-  ~Pool() {
-    stop_ = true;
-    for (auto& t : workers_) t.join();
-  }
-  ParallelFor parallel() {
-    return [this](std::size_t n, const std::function<void(std::size_t)>& fn) {
-      if (workers_.empty() || n <= 1) {
-        for (std::size_t i = 0; i < n; ++i) fn(i);
-        return;
-      }
-      fn_ = &fn, n_ = n, next_ = 0, done_ = 0;
-      gen_.fetch_add(1, std::memory_order_release);
-      work();
-      while (done_.load(std::memory_order_acquire) != n) {
-      }
-    };
-  }
-
- private:
-  void work() {
-    for (std::size_t i; (i = next_.fetch_add(1)) < n_;) {
-      (*fn_)(i);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-  void loop() {
-    unsigned seen = 0;
-    while (!stop_) {
-      const unsigned g = gen_.load(std::memory_order_acquire);
-      if (g != seen) {
-        seen = g;
-        work();
-      }
-    }
-  }
-  std::vector<std::thread> workers_;
-  const std::function<void(std::size_t)>* fn_ = nullptr;
-  std::size_t n_ = 0;
-  std::atomic<std::size_t> next_{0}, done_{0};
-  std::atomic<unsigned> gen_{0};
-  std::atomic<bool> stop_{false};
-};
 
 // ---- paths ----
 
@@ -204,13 +129,6 @@ ConvShape make_shape(int64_t batch, int64_t C, int64_t H, int64_t W, int64_t N, 
   s.OH = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1;
   s.OW = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
   return s;
-}
-
-std::vector<float> randn(int64_t n, float sigma = 1.f) {
-  std::normal_distribution<float> nd(0.f, sigma);
-  std::vector<float> v(n);
-  for (auto& x : v) x = nd(rng);
-  return v;
 }
 
 std::string describe(const ConvShape& s) {
@@ -359,20 +277,6 @@ bool check_hadamard() {
       if (std::fabs(Y[r * 64 + g + 1] - 0.25 * acc) > 1e-4) ok = false;
     }
   return ok;
-}
-
-template <class F>
-double median_ms(F&& f, int reps) {
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto a = std::chrono::steady_clock::now();
-    f();
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a)
-                    .count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
 }
 
 // 1-thread times run with no pool alive (its spinning worker would steal the second core).
