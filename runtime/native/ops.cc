@@ -56,6 +56,12 @@ void check(OrtStatus* status, const std::string& context) {
   throw OpError(code, message);
 }
 
+// The same with the context built only on failure: these run for every input of every call.
+template <class Context>
+void check_lazy(OrtStatus* status, const Context& context) {
+  if (status != nullptr) check(status, context());
+}
+
 std::string shape_text(const std::vector<int64_t>& shape) {
   std::ostringstream out;
   out << "[";
@@ -92,23 +98,25 @@ struct Tensor {
   const T* as() const { return static_cast<const T*>(data); }
 };
 
-Tensor describe(const OrtValue* value, const std::string& who) {
+// ``label``: the node; ``input``: the input's name or index, for messages.
+Tensor describe(const OrtValue* value, const std::string& label, const std::string& input) {
   Tensor t;
   if (value == nullptr) return t;
+  const auto who = [&] { return label + ": input " + input; };
   int is_tensor = 0;
-  check(g_api->IsTensor(value, &is_tensor), who);
-  if (!is_tensor) throw OpError(ORT_INVALID_ARGUMENT, who + " is not a tensor");
+  check_lazy(g_api->IsTensor(value, &is_tensor), who);
+  if (!is_tensor) throw OpError(ORT_INVALID_ARGUMENT, who() + " is not a tensor");
   OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(g_api->GetTensorTypeAndShape(value, &info), who);
+  check_lazy(g_api->GetTensorTypeAndShape(value, &info), who);
   std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> guard(
       info, [](OrtTensorTypeAndShapeInfo* p) { g_api->ReleaseTensorTypeAndShapeInfo(p); });
-  check(g_api->GetTensorElementType(info, &t.type), who);
+  check_lazy(g_api->GetTensorElementType(info, &t.type), who);
   size_t rank = 0;
-  check(g_api->GetDimensionsCount(info, &rank), who);
+  check_lazy(g_api->GetDimensionsCount(info, &rank), who);
   t.shape.resize(rank);
-  if (rank) check(g_api->GetDimensions(info, t.shape.data(), rank), who);
+  if (rank) check_lazy(g_api->GetDimensions(info, t.shape.data(), rank), who);
   void* data = nullptr;
-  check(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data), who);
+  check_lazy(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data), who);
   t.data = data;
   t.present = true;
   return t;
@@ -225,6 +233,8 @@ struct WeightAttributes {
 // ---- weights -------------------------------------------------------------------------------
 
 constexpr size_t kW = 1, kScales = 2, kZeroPoints = 3, kLevels = 4, kBias = 5;
+// the bits of the weight inputs W, scales, zero_points, levels in an input mask
+constexpr unsigned kWeightMask = (1u << kW) | (1u << kScales) | (1u << kZeroPoints) | (1u << kLevels);
 const char* const kWeightInputs[] = {"A/X", "W", "scales", "zero_points", "levels", "bias"};
 
 void expect(const std::string& label, const char* input, const Tensor& t, ONNXTensorElementDataType type,
@@ -338,7 +348,7 @@ struct WeightState {
         return;
       }
       if (!is_constant || value == nullptr) return;  // packed per run
-      t[i] = describe(value, a.label() + ": input '" + kWeightInputs[i] + "'");
+      t[i] = describe(value, a.label(), std::string("'") + kWeightInputs[i] + "'");
     }
     try {
       LowBitWeight w = weight_view(a.label(), attributes, t[kW], t[kScales], t[kZeroPoints], t[kLevels]);
@@ -388,15 +398,18 @@ struct Kernel {
   virtual void compute(OrtKernelContext* context) = 0;
 };
 
-std::vector<Tensor> inputs(OrtKernelContext* context, const std::string& label, size_t expected) {
+// The node's inputs, described; those whose bit is set in ``skip`` are left absent (a prepacked
+// weight's inputs, which were read and validated when the kernel was created).
+std::vector<Tensor> inputs(OrtKernelContext* context, const std::string& label, size_t expected, unsigned skip = 0) {
   size_t count = 0;
   check(g_api->KernelContext_GetInputCount(context, &count), label + ": reading the inputs");
   std::vector<Tensor> out(expected);
-  static const char* const names[] = {"0", "1", "2", "3", "4", "5"};
+  static const std::string names[] = {"0", "1", "2", "3", "4", "5"};
   for (size_t i = 0; i < count && i < expected; ++i) {
+    if (skip & (1u << i)) continue;
     const OrtValue* value = nullptr;
-    check(g_api->KernelContext_GetInput(context, i, &value), label + ": reading input " + names[i]);
-    out[i] = describe(value, label + ": input " + names[i]);
+    check_lazy(g_api->KernelContext_GetInput(context, i, &value), [&] { return label + ": reading input " + names[i]; });
+    out[i] = describe(value, label, names[i]);
   }
   return out;
 }
@@ -431,7 +444,7 @@ struct MatMulKernel : Kernel {
 
   void compute(OrtKernelContext* context) override {
     const WeightAttributes& at = weight.attributes;
-    std::vector<Tensor> in = inputs(context, label, 6);
+    std::vector<Tensor> in = inputs(context, label, 6, weight.prepacked ? kWeightMask : 0u);
     const Tensor& A = in[0];
     expect_float(label, "A", A);
     if (A.shape.empty() || A.shape.back() != at.K)
@@ -488,7 +501,7 @@ struct ConvKernel : Kernel {
 
   void compute(OrtKernelContext* context) override {
     const WeightAttributes& at = weight.attributes;
-    std::vector<Tensor> in = inputs(context, label, 6);
+    std::vector<Tensor> in = inputs(context, label, 6, weight.prepacked ? kWeightMask : 0u);
     const Tensor& X = in[0];
     expect_float(label, "X", X);
     if (X.shape.size() != 4)
