@@ -65,7 +65,7 @@ from onnx_ir.passes import common
 
 from lowbit.core.errors import UserError
 from lowbit.passes.base import Pass, option
-from lowbit.passes.edit import Names, attribute, const_array
+from lowbit.passes.edit import Names, attribute, const_array, new_const
 from lowbit.runtime import ops
 from lowbit.runtime import reference as ref
 
@@ -373,10 +373,9 @@ def _from_matmulnbits(node: ir.Node) -> tuple[Packed | None, str | None]:
     packed = b.reshape(ops.packed_shape(n, k, bits, block))
     zp = None
     if z is not None:
-        per_byte = 8 // bits
-        zb = z.reshape(n, -1)
-        j = np.arange(blocks)
-        zp = ((zb[:, j // per_byte] >> ((j % per_byte) * bits)) & ((1 << bits) - 1)).astype(np.uint8)
+        from lowbit.quant.emit import unpack_bits
+
+        zp = unpack_bits(z.reshape(n, -1), bits)[:, :blocks]  # packed per row like the codes
         if np.all(zp == 1 << (bits - 1)):
             zp = None
     codes = ref.unpack(packed, k, bits, block)
@@ -499,19 +498,11 @@ def rule(layer: Layer, lowbit_ops: bool) -> str:
     return "keep"
 
 
-def _const(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=names.fresh(base), shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array))
-    value.const_value.name = value.name
-    graph.register_initializer(value)
-    return value
-
-
 def _weight_inputs(graph: ir.Graph, names: Names, base: str, w: Packed) -> list[ir.Value | None]:
-    inputs = [_const(graph, names, f"{base}.lowbit{w.bits}", w.W()),
-              _const(graph, names, f"{base}.lowbit{w.bits}.scales", w.scales),
-              None if w.zero_points is None else _const(graph, names, f"{base}.lowbit{w.bits}.zero_points", w.zero_points),
-              None if w.levels is None else _const(graph, names, f"{base}.lowbit{w.bits}.levels", w.levels)]
+    inputs = [new_const(graph, names, f"{base}.lowbit{w.bits}", w.W()),
+              new_const(graph, names, f"{base}.lowbit{w.bits}.scales", w.scales),
+              None if w.zero_points is None else new_const(graph, names, f"{base}.lowbit{w.bits}.zero_points", w.zero_points),
+              None if w.levels is None else new_const(graph, names, f"{base}.lowbit{w.bits}.levels", w.levels)]
     return inputs
 
 
@@ -602,7 +593,7 @@ def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Name
         anchor = _first_rotation_node(layer)
         nodes = []
         if layer.signs is not None:
-            mul = ir.node("Mul", [x, _const(graph, names, f"rotation{layer.size}.hadamard_signs", layer.signs)],
+            mul = ir.node("Mul", [x, new_const(graph, names, f"rotation{layer.size}.hadamard_signs", layer.signs)],
                           name=names.fresh(f"{layer.name}.signs"))
             mul.outputs[0].name = names.fresh(f"{layer.name}.signed")
             nodes.append(mul)

@@ -120,6 +120,14 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of :func:`pack_bits`: bytes (last axis) → unsigned uint8 codes, 8/bits of them
+    per byte, the first in the lowest bits (padding codes included)."""
+    mask = (1 << bits) - 1
+    parts = [(packed >> (j * bits)) & mask for j in range(8 // bits)]
+    return np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1).astype(np.uint8)
+
+
 def emit_matmulnbits(site: WeightSite, graph: ir.Graph, codes_canonical: np.ndarray, scale: np.ndarray,
                      zero_point: np.ndarray | None, *, bits: int, block: int, accuracy_level: int) -> ir.Node:
     """Replace a MatMul/Gemm (weight on the right) by ``com.microsoft.MatMulNBits``.

@@ -147,12 +147,10 @@ def pack(codes: np.ndarray, bits: int, block_size: int, *, pad_code: int = 0) ->
 
 def unpack(W: np.ndarray, K: int, bits: int, block_size: int) -> np.ndarray:
     """The packed ``W`` → unsigned codes[N, K] (uint8), the padding columns dropped."""
+    from lowbit.quant.emit import unpack_bits
+
     n, blocks, _ = W.shape
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [(W >> (j * bits)) & mask for j in range(per_byte)]
-    codes = np.stack(parts, axis=-1).reshape(n, blocks * block_size)
-    return codes[:, :K].astype(np.uint8)
+    return unpack_bits(W, bits).reshape(n, blocks * block_size)[:, :K]
 
 
 def decode(W, scales, zero_points=None, levels=None, *, K, N, bits, block_size, format="uniform") -> np.ndarray:
@@ -423,15 +421,6 @@ def _node_config(node) -> dict:
     return {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in config.items()}
 
 
-def _const(value) -> np.ndarray | None:
-    import onnx_ir as ir
-
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def _check_node_inputs(node, config: dict) -> None:
     """Validate the constant inputs of a MatMulLowBit/ConvLowBit node before the run."""
     names = [n for n, _ in _SIGNATURES[node.op_type]]
@@ -443,7 +432,9 @@ def _check_node_inputs(node, config: dict) -> None:
             raise ValueError(f"input '{required}' is required")
     if node.op_type == "Hadamard":
         return
-    arrays = {name: _const(values[name]) for name in names[1:]}
+    from lowbit.passes.edit import const_array  # here: lowbit.passes imports this module
+
+    arrays = {name: const_array(values[name]) for name in names[1:]}
     for name, dtype in _SIGNATURES[node.op_type][1:]:
         v = values[name]
         if v is not None and v.dtype is not None and v.dtype.numpy() != np.dtype(dtype):

@@ -267,9 +267,12 @@ def test_llama_lowered_matches_qdq(llama_tokens, bits, op, int8_bound):
         assert _rel(_run(exact, feed), want) <= 1e-5
 
 
-def test_matmulnbits_nodes_become_matmullowbit(llama_tokens):
-    qdq = _llama("quantize(weights=2,block=32,format=matmulnbits,accuracy_level=0)", llama_tokens)
+@pytest.mark.parametrize("symmetric", ["true", "false"])  # false: packed zero points, unpacked per block
+def test_matmulnbits_nodes_become_matmullowbit(llama_tokens, symmetric):
+    qdq = _llama(f"quantize(weights=2,block=32,format=matmulnbits,accuracy_level=0,symmetric={symmetric})", llama_tokens)
     assert _ops(qdq)["com.microsoft.MatMulNBits"] == 29
+    with_zero_points = sum(len(n.inputs) > 3 and n.inputs[3] is not None for n in qdq.graph if n.op_type == "MatMulNBits")
+    assert with_zero_points == (29 if symmetric == "false" else 0)
     feed = {"tokens": llama_tokens}
     want = _run(qdq, feed)
     ctx = run_pipeline(qdq, "lower(select=rule,use=lowbit,accuracy=float)")
