@@ -100,11 +100,11 @@ def _use_hadamard_op(online: str) -> bool:
     auto: the op when the native library is built; matmul: never."""
     if online == "matmul":
         return False
-    from lowbit.passes.lower import native_available, reference_available
+    from lowbit.passes.lower import native_available
 
     if native_available():
         return True
-    if online == "op" and not reference_available():
+    if online == "op" and not reference.available():
         raise UserError("option online=op of pass rotate needs lowbit's native op library or onnxruntime-extensions "
                         "(to run the Hadamard op on the numpy reference); use online=matmul")
     return online == "op"

@@ -598,6 +598,15 @@ def _declare() -> None:
     _DECLARED = True
 
 
+def available() -> bool:
+    """True when onnxruntime-extensions imports, so these ops can run inside onnxruntime."""
+    try:
+        import onnxruntime_extensions  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def library_path() -> str:
     from onnxruntime_extensions import get_library_path
 

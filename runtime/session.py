@@ -26,7 +26,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from lowbit.core.errors import UserError
-from lowbit.runtime import library
+from lowbit.runtime import library, reference
 from lowbit.runtime.ops import DOMAIN
 
 _OPT_LEVELS = {
@@ -115,7 +115,7 @@ def implementation(model) -> str:
         return "stock"
     if library.available():
         return "native"
-    if _reference_module() is not None:
+    if reference.available():
         return "reference"
     name, op_type = node
     where = f"{model}: " if isinstance(model, (str, os.PathLike)) else ""
@@ -158,18 +158,6 @@ def first_lowbit_node(model) -> tuple[str, str] | None:
     return None
 
 
-def _reference_module():
-    """:mod:`lowbit.runtime.reference` when it can run lowbit ops in onnxruntime, else None."""
-    try:
-        import onnxruntime_extensions  # noqa: F401 - what the reference ops run on
-        from lowbit.runtime import reference
-    except ImportError:
-        return None
-    if callable(getattr(reference, "prepare", None)) and callable(getattr(reference, "register", None)):
-        return reference
-    return None
-
-
 def _reference_session(model, opts: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     """A session running lowbit's ops on the numpy reference (onnxruntime-extensions Python ops)."""
     import onnx
@@ -177,7 +165,6 @@ def _reference_session(model, opts: ort.SessionOptions, providers: list[str]) ->
 
     from lowbit.core import io
 
-    reference = _reference_module()
     where = f"{model}: " if isinstance(model, (str, os.PathLike)) else ""
     if isinstance(model, bytes):
         data = model
