@@ -337,21 +337,6 @@ def _kernel_shape(node: ir.Node) -> list[int] | None:
     return None
 
 
-def _requantized(value: ir.Value) -> bool:
-    """True when a weight reaches its layer through a QuantizeLinear → DequantizeLinear pair on the
-    dequantized low-bit weight (activation QDQ put on it), which lowering would change."""
-    p, seen_q = value.producer(), False
-    for _ in range(6):
-        if p is None or p.op_type not in ("DequantizeLinear", "QuantizeLinear", "Reshape", "Transpose"):
-            return False
-        if p.op_type == "QuantizeLinear":
-            seen_q = True
-        elif p.op_type == "DequantizeLinear" and seen_q and const_array(p.inputs[0]) is not None:
-            return True
-        p = p.inputs[0].producer()
-    return False
-
-
 def _from_matmulnbits(node: ir.Node) -> tuple[Packed | None, str | None]:
     bits, block = attribute(node, "bits", 4), attribute(node, "block_size", 0)
     n, k = attribute(node, "N", 0), attribute(node, "K", 0)
@@ -448,8 +433,6 @@ def find_layers(graph: ir.Graph, reblock: int) -> tuple[list[Layer], list[dict]]
                 packed, why = _weight(node.inputs[1], layout, reblock)
         else:
             continue
-        if packed is None and why is None and kind in ("MatMul", "Gemm", "Conv") and _requantized(node.inputs[1]):
-            why = "its low-bit weight is re-quantized by an activation QuantizeLinear/DequantizeLinear pair"
         if packed is not None and node.inputs[0].dtype not in (None, ir.DataType.FLOAT):
             packed, why = None, f"its activation is {node.inputs[0].dtype}, lowbit's ops take float32"
         if packed is not None:
