@@ -105,6 +105,11 @@ def summary_table(report: dict) -> str:
         guess = (f"; sizes assumed: {', '.join(f'{k}={v}' for k, v in assumed.items())} (pin them with --input-shape)"
                  if assumed else "")
         lines.append(f"MACs at {at}{guess}")
+    target = next((p for p in report["passes"] if p["name"].startswith("target-ort ")), None)
+    if target is not None:
+        notes = target["notes"]
+        done = "; ".join(f"{what} ×{n}" if n > 1 else what for what, n in notes["rewrites"].items()) or "nothing rewritten"
+        lines.append(f"target onnxruntime {info['target_ort']}: {done}; result: ai.onnx opset {notes['opset']}, IR {notes['ir_version']}")
     lines += ["", f"output error vs input model: rel {rel}, SQNR {sqnr}"]
     for w in report["warnings"] + [w for p in report["passes"] for w in p["warnings"]]:
         lines.append(f"warning: {w}")
@@ -121,7 +126,7 @@ def cmd_compress(args) -> int:
     report = compress(args.model, args.output, passes, calib=args.calib, seed=args.seed, verify=not args.no_verify,
                       external_data=True if args.external_data else None, report_path=args.report,
                       progress=not args.json and sys.stderr.isatty(), batch_size=args.batch_size,
-                      input_shapes=args.input_shape)
+                      input_shapes=args.input_shape, target_ort=args.target_ort)
     _out(args, summary_table(report), report)
     return 0
 
@@ -341,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the full report as JSON to this file")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric output comparison after each pass")
     p.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 2 GB)")
+    p.add_argument("--target-ort", metavar="X.Y[:stock]",
+                   help="emit only what this onnxruntime version (1.17 … 1.31) loads; ':stock' also forbids lowbit's own ops")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("inspect", parents=[common, shapes], help="opsets, op histogram, parameters, MACs, quantization status",

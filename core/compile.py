@@ -24,12 +24,16 @@ from lowbit.core import io
 
 
 def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, external_data=None,
-             report_path=None, progress=True, batch_size=16, input_shapes=None):
+             report_path=None, progress=True, batch_size=16, input_shapes=None, target_ort=None):
     """Load, run ``passes`` (configured Pass objects or pipeline text) with verification, save
     atomically; return the report dict.
 
     ``input_shapes``: ``{"images": (1, 3, 320, 320)}`` or ``["images=1,3,320,320"]`` (as
-    ``--input-shape``), pinning symbolic input dimensions when the model is loaded."""
+    ``--input-shape``), pinning symbolic input dimensions when the model is loaded.
+
+    ``target_ort``: an onnxruntime version ("1.17", or "1.17:stock" to forbid lowbit's own ops)
+    the result must load in; the ``core.target`` pass then runs last, rewriting what that version
+    cannot load or refusing (``UserError``, nothing written). None: the installed onnxruntime."""
     from tqdm import tqdm
 
     from lowbit import __version__
@@ -44,6 +48,11 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
         from lowbit.passes.pipeline import parse_pipeline
 
         passes = parse_pipeline(passes)
+    retarget = None
+    if target_ort is not None:
+        from lowbit.core.target import TargetOrt
+
+        retarget = TargetOrt(target_ort)  # a bad version is refused before any work
     out_path = io.check_output_path(out_path, (model_path,))
     if report_path is not None:
         io.check_output_path(report_path, (model_path, out_path))
@@ -57,15 +66,18 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
         ctx.warn(str(w.message))
     before = model_stats(model)
     text = describe_pipeline(passes)
-    with tqdm(total=len(passes), disable=not progress, unit="pass", file=sys.stderr, leave=False) as bar:
-        run_passes(model, passes, ctx, progress=bar)
+    run = list(passes) + ([retarget] if retarget is not None else [])
+    with tqdm(total=len(run), disable=not progress, unit="pass", file=sys.stderr, leave=False) as bar:
+        run_passes(model, run, ctx, progress=bar)
     model.metadata_props["lowbit.pipeline"] = text
     model.metadata_props["lowbit.version"] = __version__
     model.metadata_props["lowbit.seed"] = str(seed)
     if pinned:
         model.metadata_props["lowbit.input_shapes"] = " ".join(
             f"{name}={','.join('?' if d is None else str(d) for d in dims)}" for name, dims in pinned.items())
-    io.save(model, out_path, external_data=external_data)
+    if retarget is not None:
+        model.metadata_props["lowbit.target_ort"] = retarget.target.version + ("" if retarget.target.lowbit_ops else ":stock")
+    io.save(model, out_path, external_data=external_data, ir_version=retarget.ir_version if retarget else None)
     after = model_stats(model)
     for label, stats in (("before", before), ("after", after)):
         if not stats.macs_complete:
@@ -74,6 +86,7 @@ def compress(model_path, out_path, passes, *, calib=None, seed=0, verify=True, e
     ctx.report.info.update({
         "input": str(model_path), "output": str(out_path), "pipeline": text, "seed": seed,
         "calibration": calib, "verified": verify, "input_shapes": pinned or None,
+        "target_ort": str(target_ort) if target_ort is not None else None,
         "before": {**before.to_dict(), "file_bytes": Path(model_path).stat().st_size},
         "after": {**after.to_dict(), "file_bytes": _saved_bytes(out_path)},
     })

@@ -210,19 +210,22 @@ def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, .
     return out
 
 
-def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
+         ir_version: int | None = None) -> Path:
     """Write ``model`` to ``path`` atomically, with ir_version capped for onnxruntime ≥ 1.20.
 
     ``external_data=None`` writes tensors to ``<name>.data`` beside the model only if the model
     would not fit in one protobuf; ``True`` always does; ``False`` never does (and fails for
-    models over 2 GB). The model object itself is left as it was.
+    models over 2 GB). ``ir_version`` overrides the capped version (``--target-ort`` sets the
+    smallest the model needs, below IR 10 for onnxruntime 1.17). The model object itself is left
+    as it was.
     """
     path = check_output_path(path)
     if external_data is None:
         external_data = tensor_bytes(model) > PROTOBUF_LIMIT_BYTES
     folder = path.parent if str(path.parent) else Path(".")
     old_ir = model.ir_version
-    model.ir_version = min_ir_version(model)
+    model.ir_version = min_ir_version(model) if ir_version is None else ir_version
     if not external_data:
         _load_external_tensors(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
