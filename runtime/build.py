@@ -8,8 +8,10 @@ onnxruntime's C API headers (``onnxruntime_c_api.h``, API version 21) come from 
 when it is set, else from Debian's ``libonnxruntime-dev`` package of the ``trixie`` suite, fetched
 with apt into a private state folder (the machine's own apt state is never touched) through the
 Debian mirror this machine is already configured with, and cached in
-``~/.cache/lowbit/ort-headers-<version>``. The library itself is not linked against libonnxruntime:
-it calls onnxruntime only through the API table handed to ``RegisterCustomOps``.
+``~/.cache/lowbit/ort-headers-<version>``. The same private-apt download (:func:`apt_fetch`) fetches
+the aarch64 cross toolchain and qemu for ``lowbit.runtime.edge``, which also drives :func:`build`
+(``cmake_args``) for cross builds. The library itself is not linked against libonnxruntime: it
+calls onnxruntime only through the API table handed to ``RegisterCustomOps``.
 
 Command line (the same thing setup.py does)::
 
@@ -92,55 +94,110 @@ def debian_mirror(paths=("/etc/apt/sources.list.d", "/etc/apt/sources.list")) ->
                      "(set ORT_INCLUDE_DIR to a folder containing onnxruntime_c_api.h)")
 
 
-def fetch_ort_headers() -> Path:
-    """Fetch and unpack Debian's ``libonnxruntime-dev`` (trixie) once; returns its include folder.
+def debian_suite(paths=("/etc/apt/sources.list.d", "/etc/apt/sources.list")) -> str:
+    """The release suite this machine is configured for (``bookworm``), from the same apt sources.
+
+    The first suite of the Debian archive's entry that is not a ``-updates``/``-security``/
+    ``-backports`` pocket; used to fetch packages that match the machine's own release (the cross
+    toolchain and qemu of ``lowbit.runtime.edge``).
+    """
+    suites: list[str] = []
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.sources")) + sorted(p.glob("*.list"))
+        elif p.is_file():
+            files.append(p)
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = {line.split(":", 1)[0].strip().lower(): line.split(":", 1)[1].split()
+                          for line in stanza.splitlines() if ":" in line and not line.lstrip().startswith("#")}
+                if any(u.rstrip("/").endswith("/debian") for u in fields.get("uris", [])):
+                    suites += fields.get("suites", [])
+        else:
+            for line in text.splitlines():
+                words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb" and words[1].rstrip("/").endswith("/debian"):
+                    suites.append(words[2])
+    for suite in suites:
+        if not suite.endswith(("-updates", "-security", "-backports", "-proposed-updates")):
+            return suite
+    raise BuildError("no Debian release suite is configured in /etc/apt (a 'Suites:' line of the Debian archive)")
+
+
+def apt_fetch(packages: list[str] | tuple[str, ...], suite: str, target: Path, *, expect: str,
+              label: str | None = None, hint: str = "", prepare=None) -> Path:
+    """Download Debian ``packages`` of ``suite`` with apt and unpack them all into ``target``; returns it.
 
     apt runs with a private sources list, lists and archive folder under a temporary directory, so
-    the machine's apt configuration and state are left as they are. The unpacked headers are moved
-    into the cache atomically, so concurrent builds cannot see a half-written folder.
+    the machine's apt configuration and state are left as they are (nothing is installed: the
+    packages are only unpacked with ``dpkg -x``). ``expect`` is a path relative to ``target`` that
+    marks a complete unpack: when it exists nothing is fetched. The unpacked tree is moved into place
+    with one rename, so concurrent fetches never see a half-written folder and a failed fetch leaves
+    nothing behind. ``prepare(tree)``, when given, adjusts the unpacked tree before it is moved into
+    place (e.g. drops what is not needed, or wraps binaries). Errors are one :class:`BuildError` sentence naming ``label`` (default: the
+    packages), the mirror and the apt step, followed by ``hint`` (e.g. how to skip the fetch).
     """
-    target = cache_dir() / f"ort-headers-{ORT_API_VERSION}"
-    include = target / "usr" / "include" / "onnxruntime"
-    if (include / "onnxruntime_c_api.h").is_file():
-        return include
+    target = Path(target)
+    label = label or " ".join(packages)
+    hint = f" {hint}" if hint else ""
+    if (target / expect).exists():
+        return target
     apt = shutil.which("apt-get")
     dpkg = shutil.which("dpkg")
     if apt is None or dpkg is None:
-        raise BuildError("onnxruntime's C API headers are needed and apt-get/dpkg are not available to fetch "
-                         f"Debian's {ORT_PACKAGE}: set ORT_INCLUDE_DIR to a folder containing onnxruntime_c_api.h")
+        raise BuildError(f"apt-get and dpkg are needed to fetch Debian's {label} and are not available{hint}")
     mirror = debian_mirror()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ort-headers-", dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=target.parent) as tmp:
         d = Path(tmp)
         (d / "lists" / "partial").mkdir(parents=True)
         (d / "archives" / "partial").mkdir(parents=True)
-        (d / "sources.list").write_text(f"deb {mirror} {ORT_SUITE} main\n")
+        (d / "sources.list").write_text(f"deb {mirror} {suite} main\n")
         opts = ["-o", f"Dir::Etc::SourceList={d / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
                 "-o", f"Dir::State::Lists={d / 'lists'}", "-o", f"Dir::Cache::Archives={d / 'archives'}",
                 "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=true", "-q"]
-        for args in (["update"], ["download", ORT_PACKAGE]):
+        for args in (["update"], ["download", *packages]):
             run = subprocess.run([apt, *opts, *args], cwd=d, capture_output=True, text=True)
             # `apt-get update` exits 0 when the mirror cannot be reached, with "Err:"/"W: Failed to fetch" lines
             failed = [line for line in (run.stdout + run.stderr).splitlines()
                       if line.startswith(("Err:", "E:", "W: Failed to fetch"))]
             if run.returncode != 0 or failed:
                 last = failed[-1:] or (run.stderr.strip() or run.stdout.strip()).splitlines()[-1:] or ["no output"]
-                raise BuildError(f"fetching {ORT_PACKAGE} ({ORT_SUITE}) from {mirror} failed at 'apt-get "
-                                 f"{args[0]}': {last[0]} (set ORT_INCLUDE_DIR to skip the fetch)")
-        debs = list(d.glob(f"{ORT_PACKAGE}_*.deb"))
-        if not debs:
-            raise BuildError(f"apt-get download {ORT_PACKAGE} left no .deb in {d} (set ORT_INCLUDE_DIR to skip the fetch)")
+                raise BuildError(f"fetching {label} ({suite}) from {mirror} failed at 'apt-get "
+                                 f"{args[0]}': {last[0]}{hint}")
         unpacked = d / "root"
-        subprocess.run([dpkg, "-x", str(debs[0]), str(unpacked)], check=True, capture_output=True)
-        if not (unpacked / "usr" / "include" / "onnxruntime" / "onnxruntime_c_api.h").is_file():
-            raise BuildError(f"{debs[0].name} has no usr/include/onnxruntime/onnxruntime_c_api.h "
-                             "(set ORT_INCLUDE_DIR to a folder containing it)")
+        for package in packages:
+            debs = list(d.glob(f"{package}_*.deb"))
+            if not debs:
+                raise BuildError(f"apt-get download {package} left no .deb in {d}{hint}")
+            subprocess.run([dpkg, "-x", str(debs[0]), str(unpacked)], check=True, capture_output=True)
+        if prepare is not None:
+            prepare(unpacked)
+        if not (unpacked / expect).exists():
+            raise BuildError(f"Debian's {label} ({suite}) has no {expect}{hint}")
         try:
             unpacked.rename(target)
-        except OSError:  # another build won the race: its copy is as good as ours
-            if not (include / "onnxruntime_c_api.h").is_file():
+        except OSError:  # another fetch won the race: its copy is as good as ours
+            if not (target / expect).exists():
                 raise
-    return include
+    return target
+
+
+def fetch_ort_headers() -> Path:
+    """Fetch and unpack Debian's ``libonnxruntime-dev`` (trixie) once; returns its include folder."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise BuildError("onnxruntime's C API headers are needed and apt-get/dpkg are not available to fetch "
+                         f"Debian's {ORT_PACKAGE}: set ORT_INCLUDE_DIR to a folder containing onnxruntime_c_api.h")
+    expect = "usr/include/onnxruntime/onnxruntime_c_api.h"
+    target = apt_fetch([ORT_PACKAGE], ORT_SUITE, cache_dir() / f"ort-headers-{ORT_API_VERSION}", expect=expect,
+                       hint="(set ORT_INCLUDE_DIR to skip the fetch)")
+    return target / "usr" / "include" / "onnxruntime"
 
 
 def find_cmake() -> str:
@@ -160,11 +217,12 @@ def find_cmake() -> str:
 
 
 def build(out_dir: Path, *, build_dir: Path | None = None, sanitize: bool = False, selftest: bool = False,
-          jobs: int | None = None, quiet: bool = False) -> Path:
+          jobs: int | None = None, quiet: bool = False, cmake_args: list[str] | tuple[str, ...] = ()) -> Path:
     """Configure and build the CMake project in ``runtime/native``; returns the built library's path.
 
-    ``out_dir`` receives ``liblowbit_ops.so`` (and ``lowbit_selftest`` when ``selftest``);
-    ``sanitize`` builds with ``-fsanitize=address,undefined`` (for the tests only).
+    ``out_dir`` receives ``liblowbit_ops.so`` (and the ``lowbit_selftest_<x>`` executables when
+    ``selftest``); ``sanitize`` builds with ``-fsanitize=address,undefined`` (for the tests only);
+    ``cmake_args`` are added to the configure step (a toolchain file, ``-DLOWBIT_HOST=ON`` …).
     """
     out_dir = Path(out_dir).resolve()
     include = ort_include_dir()
@@ -177,7 +235,7 @@ def build(out_dir: Path, *, build_dir: Path | None = None, sanitize: bool = Fals
     build_dir.mkdir(parents=True, exist_ok=True)
     configure = [cmake, "-S", str(NATIVE_DIR), "-B", str(build_dir), f"-DORT_INCLUDE_DIR={include}",
                  "-DCMAKE_BUILD_TYPE=Release", f"-DLOWBIT_OUTPUT_DIR={out_dir}",
-                 f"-DLOWBIT_SANITIZE={'ON' if sanitize else 'OFF'}", f"-DLOWBIT_SELFTEST={'ON' if selftest else 'OFF'}"]
+                 f"-DLOWBIT_SANITIZE={'ON' if sanitize else 'OFF'}", f"-DLOWBIT_SELFTEST={'ON' if selftest else 'OFF'}", *cmake_args]
     jobs = jobs or os.cpu_count() or 1
     compile_ = [cmake, "--build", str(build_dir), "--parallel", str(jobs)]
     try:
