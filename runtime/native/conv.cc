@@ -309,6 +309,10 @@ void conv_lowbit(const PackedWeight& pw, const ConvShape& s, const float* X, con
   if (isa_level() == Isa::Avx512Vnni) return conv_detail::conv_avx512(cw, s, X, bias, Y, parallel);
   if (isa_level() == Isa::Avx2) return conv_detail::conv_avx2(cw, s, X, bias, Y, parallel);
 #endif
+#if defined(__aarch64__)
+  if (isa_level() == Isa::NeonDotprod) return conv_detail::conv_neon_dotprod(cw, s, X, bias, Y, parallel);
+  if (isa_level() == Isa::Neon) return conv_detail::conv_neon(cw, s, X, bias, Y, parallel);
+#endif
   conv_detail::conv_scalar(cw, s, X, bias, Y, parallel);
 }
 

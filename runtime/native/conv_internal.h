@@ -105,6 +105,13 @@ void conv_avx2(const ConvWeight& w, const ConvShape& s, const float* X, const fl
 void conv_avx512(const ConvWeight& w, const ConvShape& s, const float* X, const float* bias,
                  float* Y, const ParallelFor& parallel);
 #endif
+#if defined(__aarch64__)
+void conv_neon(const ConvWeight& w, const ConvShape& s, const float* X, const float* bias,
+               float* Y, const ParallelFor& parallel);
+// int8 general convs with sdot; the rest goes to conv_neon (conv_dotprod.cc)
+void conv_neon_dotprod(const ConvWeight& w, const ConvShape& s, const float* X, const float* bias,
+                       float* Y, const ParallelFor& parallel);
+#endif
 
 }  // namespace conv_detail
 }  // namespace lowbit
@@ -122,6 +129,10 @@ void rows_avx2(const float* X, int64_t r0, int64_t r1, int64_t size, int64_t gro
                const int32_t* perm, float scale, float* Y);
 void rows_avx512(const float* X, int64_t r0, int64_t r1, int64_t size, int64_t group,
                  const int32_t* perm, float scale, float* Y);
+#endif
+#if defined(__aarch64__)
+void rows_neon(const float* X, int64_t r0, int64_t r1, int64_t size, int64_t group,
+               const int32_t* perm, float scale, float* Y);  // both NEON levels (hadamard_neon.cc)
 #endif
 
 }  // namespace hadamard_detail

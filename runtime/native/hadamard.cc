@@ -55,6 +55,9 @@ void hadamard(const float* X, int64_t rows, int64_t size, int64_t group, Order o
   if (isa_level() == Isa::Avx512Vnni) fn = rows_avx512;
   else if (isa_level() == Isa::Avx2) fn = rows_avx2;
 #endif
+#if defined(__aarch64__)
+  if (isa_level() >= Isa::Neon) fn = rows_neon;
+#endif
   // tasks of ≥ ~64k elements each, at most 64
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(64, rows * size / 65536));
   const int64_t per = (rows + tasks - 1) / tasks;

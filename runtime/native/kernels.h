@@ -24,10 +24,12 @@ ParallelFor serial();
 // avx512vnni in the environment caps it, read once per process (tests run every path).
 // AVX-512 here means F+BW+VL+VNNI; AVX2 means AVX2+FMA. Kernels for each ISA live in their own
 // translation units compiled with that ISA's flags (CMakeLists.txt) and are only called when
-// isa_level() allows; other CPUs (aarch64 …) get the scalar path.
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+// isa_level() allows. On aarch64 the levels are scalar < neon (Advanced SIMD, every aarch64 CPU)
+// < neon-dotprod (ARMv8.2 sdot/udot, HWCAP_ASIMDDP), capped by LOWBIT_ISA=scalar|neon; other
+// CPUs get the scalar path.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Neon = 3, NeonDotprod = 4 };
 Isa isa_level();
-const char* isa();  // "avx512vnni", "avx2" or "scalar"
+const char* isa();  // "avx512vnni", "avx2", "neon-dotprod", "neon" or "scalar"
 
 // A packed canonical weight W[N, K] as the op inputs hold it (see runtime/ops.py).
 struct LowBitWeight {

@@ -102,6 +102,26 @@ void prepack_scalar_int8(MatMulWeight& p) {
                                         p.scalar_tables.data() + i * values);
 }
 
+#if defined(__aarch64__)
+// The NEON int8 metadata (matmul_internal.h): scales (codebook: × lmax / 127) and zero points in
+// the 16-row group layout, codebook tables in the scalar layout. The codes are not copied.
+void prepack_neon_int8(MatMulWeight& p) {
+  const LowBitWeight& w = p.w;
+  const int64_t nb = p.nblocks, G = p.groups;
+  const bool codebook = w.format == Format::Codebook;
+  prepack_scalar_int8(p);  // codebook: scalar_tables, scalar_scales
+  p.scales.assign(G * nb * kGroup, 0.f);
+  if (w.zero_points && !codebook) p.zp.assign(G * nb * kGroup, 0);
+  p.zp_const = codebook ? 0 : 1 << (w.bits - 1);
+  for (int64_t n = 0; n < w.N; ++n)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = ((n / kGroup) * nb + b) * kGroup + n % kGroup;
+      p.scales[at] = codebook ? p.scalar_scales[n * nb + b] : w.scales[n * nb + b];
+      if (!p.zp.empty()) p.zp[at] = w.zero_points[n * nb + b];
+    }
+}
+#endif
+
 // ---- scalar kernels (the op's own layout) ----
 
 // y[n0, n1) = a · Ŵᵀ in float: per block, the 2^bits decoded values in a table.
@@ -185,6 +205,10 @@ std::unique_ptr<PackedWeight> prepack(const LowBitWeight& w, Accuracy accuracy, 
   p->groups = (w.N + kGroup - 1) / kGroup;
   if (isa == Isa::Scalar) {
     if (accuracy == Accuracy::Int8) prepack_scalar_int8(*p);
+#if defined(__aarch64__)
+  } else if (isa == Isa::Neon || isa == Isa::NeonDotprod) {
+    if (accuracy == Accuracy::Int8) prepack_neon_int8(*p);
+#endif
   } else if (accuracy == Accuracy::Int8) {
     prepack_interleaved(*p);
   }
@@ -226,6 +250,10 @@ void matmul_lowbit(const PackedWeight& pw, const float* A, int64_t M, const floa
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::Avx512Vnni: return matmul_detail::matmul_avx512(p, A, M, bias, Y, parallel);
     case Isa::Avx2: return matmul_detail::matmul_avx2(p, A, M, bias, Y, parallel);
+#endif
+#if defined(__aarch64__)
+    case Isa::NeonDotprod: return matmul_detail::matmul_neon_dotprod(p, A, M, bias, Y, parallel);
+    case Isa::Neon: return matmul_detail::matmul_neon(p, A, M, bias, Y, parallel);
 #endif
     default: return matmul_detail::matmul_scalar(p, A, M, bias, Y, parallel);
   }

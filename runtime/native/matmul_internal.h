@@ -14,6 +14,17 @@
 // codes, per group and block: the 16 rows' scales (codebook: × lmax / 127), zero points (only when
 // the op has them) and, for a codebook, the 16 rows' int8 tables (stored + 128 as uint8, below).
 // The scalar path keeps the op's own layout.
+//
+// On aarch64 (matmul_neon.h) the codes stay in the op's layout: a kernel reads 16 columns of a
+// row at a time (8 bytes of 4-bit codes, 4 bytes of 2-bit), spreads them over a 128-bit register
+// with one load-and-duplicate, a shift per lane and a mask, so that lane L holds the code of
+// column perm(L) of the 16 (4-bit: L < 8 → 2L, else 2(L − 8) + 1; 2-bit: 4·(L mod 4) + L / 4);
+// the int8 kernels, when a block has 16 bytes or more, read 16 bytes at a time instead (32 or 64
+// columns; field j of byte i, column (8/bits)·i + j, into lane i of vector j). The activations
+// are permuted the same way once per call, so lanes line up without any shuffle of the codes.
+// accuracy=int8 prepacks only per-block metadata: `scales` and `zp` in the 16-row
+// group layout above (scale·lmax/127 for a codebook; padded rows 0) and, for a codebook, the int8
+// tables in `scalar_tables` [N, blocks, 2^bits].
 #pragma once
 
 #include <cstdint>
@@ -70,13 +81,13 @@ struct MatMulWeight final : PackedWeight {
   Isa isa = Isa::Scalar;  // the kernels this was packed for
   int64_t nblocks = 0, groups = 0;
 
-  // int8 accuracy, x86 layout (empty otherwise)
+  // int8 accuracy, x86 layout (empty otherwise; NEON uses scales, zp and zp_const)
   AlignedVector<uint8_t> codes;   // [groups, blocks, chunks, 64]
   AlignedVector<float> scales;    // [groups, blocks, 16]
   AlignedVector<uint8_t> zp;      // [groups, blocks, 16], empty: every zero point is zp_const
   AlignedVector<uint8_t> tables;  // codebook: [groups, blocks, 16 << bits], w_int + 128
-  int zp_const = 0;             // uniform without zero points: 2^(bits−1); codebook: 128
-  // int8 accuracy, scalar layout: codebook tables [N, blocks, 2^bits] and scale·lmax/127 [N, blocks]
+  int zp_const = 0;             // uniform without zero points: 2^(bits−1); codebook: 128 (NEON: 0)
+  // int8 accuracy, scalar and NEON: codebook tables [N, blocks, 2^bits] and scale·lmax/127 [N, blocks]
   std::vector<int8_t> scalar_tables;
   std::vector<float> scalar_scales;
 
@@ -146,6 +157,14 @@ void matmul_avx2(const MatMulWeight& w, const float* A, int64_t M, const float* 
                  const ParallelFor& parallel);
 void matmul_avx512(const MatMulWeight& w, const float* A, int64_t M, const float* bias, float* Y,
                    const ParallelFor& parallel);
+#endif
+#if defined(__aarch64__)
+// matmul_neon.cc (Advanced SIMD) and matmul_dotprod.cc (ARMv8.2 sdot, int8 accuracy only: float
+// accuracy runs matmul_neon's kernel).
+void matmul_neon(const MatMulWeight& w, const float* A, int64_t M, const float* bias, float* Y,
+                 const ParallelFor& parallel);
+void matmul_neon_dotprod(const MatMulWeight& w, const float* A, int64_t M, const float* bias,
+                         float* Y, const ParallelFor& parallel);
 #endif
 
 }  // namespace matmul_detail

@@ -116,6 +116,11 @@ std::vector<Path> paths() {
   if (isa_level() >= Isa::Avx512Vnni)
     p.push_back({"avx512vnni", conv_detail::conv_avx512, hadamard_detail::rows_avx512});
 #endif
+#if defined(__aarch64__)
+  if (isa_level() >= Isa::Neon) p.push_back({"neon", conv_detail::conv_neon, hadamard_detail::rows_neon});
+  if (isa_level() >= Isa::NeonDotprod)  // Hadamard has one NEON kernel for both levels
+    p.push_back({"neon-dotprod", conv_detail::conv_neon_dotprod, hadamard_detail::rows_neon});
+#endif
   return p;
 }
 
@@ -208,7 +213,7 @@ bool check_conv(Pool& pool) {
               }
           }
   for (std::size_t i = 0; i < ps.size(); ++i)
-    std::printf("conv %-10s max rel err: uniform/float %.2e uniform/int8 %.2e "
+    std::printf("conv %-12s max rel err: uniform/float %.2e uniform/int8 %.2e "
                 "codebook/float %.2e codebook/int8 %.2e\n",
                 ps[i].name, worst[i * 4], worst[i * 4 + 1], worst[i * 4 + 2], worst[i * 4 + 3]);
   return ok;
@@ -262,7 +267,7 @@ bool check_hadamard() {
               worst = std::max(worst, std::fabs(Y[j] - ref[j]) / (1.0 + std::fabs(ref[j])));
           }
       }
-    std::printf("hadamard %-10s max err %.2e\n", p.name, worst);
+    std::printf("hadamard %-12s max err %.2e\n", p.name, worst);
     if (worst > 1e-4) ok = false;
   }
   // the public entry (dispatch + permutation) once, in place
@@ -320,7 +325,7 @@ void bench(const char* filter, const char* path) {
             return median_ms([&] { p.conv(cw, s, X.data(), bias.data(), Y.data(), par); }, 60);
           };
           const double t[2] = {time(serial()), two(time)};
-          std::printf("  %-10s %-8s %-5s 4-bit b32: %.3f / %.3f ms\n", p.name,
+          std::printf("  %-12s %-8s %-5s 4-bit b32: %.3f / %.3f ms\n", p.name,
                       wt == &w ? "uniform" : "codebook", acc == Accuracy::Int8 ? "int8" : "float",
                       t[0], t[1]);
         }

@@ -1,6 +1,6 @@
 // Standalone check and benchmark of MatMulLowBit (no onnxruntime): every ISA path this CPU runs
 // against a plain reference of runtime/ops.py's formulas, then timings on 1 and 2 threads.
-// Usage: lowbit_selftest_matmul [--bench [avx2|avx512vnni]]   (exit status 1 when a check fails)
+// Usage: lowbit_selftest_matmul [--bench [avx2|avx512vnni|neon|neon-dotprod]]   (exit status 1 when a check fails)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -103,11 +103,21 @@ std::vector<Isa> paths() {
   if (isa_level() >= Isa::Avx2) out.push_back(Isa::Avx2);
   if (isa_level() >= Isa::Avx512Vnni) out.push_back(Isa::Avx512Vnni);
 #endif
+#if defined(__aarch64__)
+  if (isa_level() >= Isa::Neon) out.push_back(Isa::Neon);
+  if (isa_level() >= Isa::NeonDotprod) out.push_back(Isa::NeonDotprod);
+#endif
   return out;
 }
 
 const char* name(Isa isa) {
-  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+  switch (isa) {
+    case Isa::Avx512Vnni: return "avx512vnni";
+    case Isa::Avx2: return "avx2";
+    case Isa::NeonDotprod: return "neon-dotprod";
+    case Isa::Neon: return "neon";
+    default: return "scalar";
+  }
 }
 
 bool check(Pool& pool) {
@@ -117,6 +127,7 @@ bool check(Pool& pool) {
   const ParallelFor par2 = pool.parallel();
   bool ok = true;
   int cases = 0;
+  int64_t neon_int8_differ = 0;
   for (int bits : {2, 4})
     for (int64_t bs : {16, 32, 64, 128, 256})
       for (Format fmt : {Format::Uniform, Format::Codebook})
@@ -136,14 +147,32 @@ bool check(Pool& pool) {
           for (Accuracy acc : {Accuracy::Float, Accuracy::Int8}) {
             std::vector<double> ref, mag;
             reference(w.view, acc, A.data(), M, b, ref, mag);
+            std::vector<float> Ys;  // the scalar path's output (paths()[0])
             for (Isa isa : ps) {
               auto p = matmul_detail::prepack(w.view, acc, isa);
               for (int th = 0; th < 2; ++th) {
                 std::vector<float> Y(M * N, NAN);
                 matmul_lowbit(*p, A.data(), M, b, Y.data(), th ? par2 : serial());
                 double err = 0;
-                for (int64_t i = 0; i < M * N; ++i)
-                  err = std::max(err, std::fabs(Y[i] - ref[i]) / (mag[i] + 1e-30));
+                for (int64_t i = 0; i < M * N; ++i) {
+                  const double e = std::fabs(Y[i] - ref[i]) / (mag[i] + 1e-30);
+                  err = std::max(err, std::isnan(e) ? INFINITY : e);
+                }
+                if (isa == Isa::Scalar) Ys = Y;
+#if defined(__aarch64__)
+                // the NEON int8 kernels do the scalar path's arithmetic: the same bits
+                if (acc == Accuracy::Int8 && isa != Isa::Scalar) {
+                  int64_t differ = 0;
+                  for (int64_t i = 0; i < M * N; ++i) differ += std::memcmp(&Y[i], &Ys[i], sizeof(float)) != 0;
+                  neon_int8_differ += differ;
+                  if (differ) {
+                    std::printf("FAIL %s int8 %d-bit block %ld %s K=%ld N=%ld M=%ld: %ld outputs differ from scalar\n",
+                                name(isa), bits, bs, fmt == Format::Codebook ? "codebook" : "uniform", K, N, M,
+                                static_cast<long>(differ));
+                    ok = false;
+                  }
+                }
+#endif
                 if (!(err <= 1e-5)) {
                   std::printf("FAIL %s %s %d-bit block %ld %s K=%ld N=%ld M=%ld: error %.3g\n",
                               name(isa), fmt == Format::Codebook ? "codebook" : "uniform", bits, bs,
@@ -163,12 +192,16 @@ bool check(Pool& pool) {
   for (Isa isa : ps)
     for (int fmt = 0; fmt < 2; ++fmt)
       for (int acc = 0; acc < 2; ++acc) {
-        std::printf("  %-10s %-8s %-5s", name(isa), fmt ? "codebook" : "uniform", acc ? "int8" : "float");
+        std::printf("  %-12s %-8s %-5s", name(isa), fmt ? "codebook" : "uniform", acc ? "int8" : "float");
         for (int bits : {2, 4})
           for (int64_t bs : {16, 32, 64, 128, 256})
             std::printf(" %d/%ld:%.0e", bits, bs, worst[{static_cast<int>(isa), fmt, bits, bs, acc}]);
         std::printf("\n");
       }
+#if defined(__aarch64__)
+  if (ps.size() > 1)
+    std::printf("neon int8 outputs differing from the scalar path: %ld\n", static_cast<long>(neon_int8_differ));
+#endif
   return ok;
 }
 
@@ -216,7 +249,7 @@ void bench(Pool& pool, const char* only) {
       for (Accuracy acc : {Accuracy::Int8, Accuracy::Float}) {
         auto p = matmul_detail::prepack(w.view, acc, isa);
         const std::size_t bytes = acc == Accuracy::Int8 ? p->bytes() : w.bytes();
-        std::printf("  %-10s %-19s %-5s", name(isa), c.label, acc == Accuracy::Int8 ? "int8" : "float");
+        std::printf("  %-12s %-19s %-5s", name(isa), c.label, acc == Accuracy::Int8 ? "int8" : "float");
         for (int64_t M : {1, 8, 32}) {
           double t[2];
           for (int th = 0; th < 2; ++th)
