@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: compress, inspect, compare, passes, demo.
+"""The ``lowbit`` command line: compress, inspect, compare, passes, deploy, demo.
 
 Exit status: 0 on success, 2 when the input is at fault (one sentence on stderr naming the file,
 node or option; nothing is written), 1 on an internal error (a bug; the message names the pass).
@@ -297,6 +297,29 @@ def cmd_passes(args) -> int:
 # -------------------------------------------------------------------------------------------- demo
 
 
+def cmd_deploy(args) -> int:
+    from lowbit.runtime.deploy import deploy
+
+    done = deploy(args.model, args.output, arch=args.target, check=args.check, seed=args.seed)
+    lines = [f"lowbit deploy: {args.model} for {done.arch} in {done.folder}", ""]
+    rows = [[name, human_bytes(size)] for name, size in done.files.items()]
+    rows.append(["total", human_bytes(sum(done.files.values()))])
+    from lowbit.analysis.report_format import format_table
+
+    lines.append(format_table(rows, ["file", "size"]))
+    if not done.lowbit_ops:
+        lines.append("the model uses none of lowbit's ops: liblowbit_ops.so is not needed")
+    if done.check is not None:
+        c = done.check
+        how = "under qemu" if c["emulated"] else "natively"
+        lines += ["", f"check ({how}, onnxruntime {c['onnxruntime']}): outputs within {c['max_rel_diff']:.1e} relative of "
+                      f"this machine's run (tolerance {c['tolerance']:.0e}); latency median {c['latency_ms']['median']:.3f} ms"
+                      + (" (emulated: not the device's speed)" if c["emulated"] else "")]
+    lines += ["", f"on the device: cd {done.folder.name} && ./lowbit-run {Path(args.model).name} --input NAME=FILE.npy --output-dir out"]
+    _out(args, "\n".join(lines), done.to_dict())
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lowbit.models import demo
 
@@ -387,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every pass: name, what it preserves, options with types, defaults and units.")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each pass's full documentation")
     p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("deploy", parents=[common], help="build the folder to copy to a device (x86_64 or aarch64)",
+                       description="Write OUTPUT with MODEL, lowbit-run (the C++ host), onnxruntime and lowbit's op library "
+                                   "for the target CPU, cross-compiled for aarch64; --check runs it (under qemu for "
+                                   "aarch64) and compares its outputs with this machine's run.")
+    p.add_argument("model", help=".onnx file (copied as is; it must load in onnxruntime 1.21 — see --target-ort)")
+    p.add_argument("-o", "--output", required=True, help="folder to write (must not exist, or be empty)")
+    p.add_argument("--target", default="x86_64", help="device CPU: x86_64 (default) or aarch64")
+    p.add_argument("--check", action="store_true", help="run the folder's host on seeded inputs and compare outputs")
+    p.add_argument("--seed", type=int, default=0, help="seed for the check's inputs (default 0)")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("demo", parents=[common], help="compress the embedded digits CNN and show before/after",
                        description="Compress an embedded model with the default pipeline and print accuracy, size "

@@ -431,3 +431,19 @@ def _needed_ir(model: ir.Model) -> int:
     for value in _all_values(model):
         needed = max(needed, _DTYPE_MIN_IR.get(value.dtype, 0))
     return needed
+
+
+def check_loads(model: ir.Model, version: str, where: str) -> None:
+    """Raise a UserError, naming ``where`` (a file) and the first thing in the way, unless onnxruntime
+    ``version`` loads ``model`` as it is: its ai.onnx opset, IR version, ops and element types."""
+    t = parse(version)
+    fix = f"compress it with {OPTION} {t.version}"
+    opset = model.opset_imports.get("", 1)
+    if opset > t.max_opset:
+        raise UserError(f"{where} imports ai.onnx opset {opset}; {t.label} loads ≤ {t.max_opset} ({fix})")
+    try:
+        _check(model, t)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc} ({fix})") from None
+    if model.ir_version > t.max_ir:  # as written in the file: onnxruntime refuses a newer one
+        raise UserError(f"{where} is IR version {model.ir_version}; {t.label} loads ≤ {t.max_ir} ({fix})")

@@ -49,9 +49,10 @@ def _load(library: Path) -> ctypes.CDLL:
 
 
 def isa() -> str | None:
-    """The instruction set the native kernels run on here ("avx512vnni", "avx2", "scalar"), or None.
+    """The instruction set the native kernels run on here ("avx512vnni", "avx2", "scalar"; on
+    aarch64 "neon-dotprod", "neon", "scalar"), or None.
 
-    It is chosen once per process (``LOWBIT_ISA=scalar|avx2`` caps it) — by the same loaded copy of
+    It is chosen once per process (``LOWBIT_ISA=scalar|avx2|neon`` caps it) — by the same loaded copy of
     the library that onnxruntime uses, since both open it by the same path.
     """
     library = path()
