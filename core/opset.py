@@ -1,4 +1,5 @@
-"""Raise a model's ai.onnx opset in place, through onnx's version converter.
+"""Raise a model's ai.onnx opset in place, through onnx's version converter (``core.target``
+lowers it the same way, with ``take_converted``).
 
 Needed when a pass emits operators or types newer than the model's opset (e.g. blocked int4
 ``DequantizeLinear`` needs opset 21, int2 needs 25). The converter rewrites nodes whose
@@ -27,6 +28,12 @@ def upgrade(model: ir.Model, version: int) -> None:
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         raise UserError(f"cannot raise the model from opset {current} to {version} (needed for the quantized "
                         f"operators): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    take_converted(model, converted, version)
+
+
+def take_converted(model: ir.Model, converted: onnx.ModelProto, version: int) -> None:
+    """Make ``converted`` (``model`` through the version converter, at ai.onnx ``version``) the
+    graph of ``model``, with the node metadata the converter dropped copied back by node name."""
     new = ir.serde.deserialize_model(converted)
     metadata = {node.name: dict(node.metadata_props) for node in model.graph.all_nodes() if node.metadata_props}
     for node in new.graph.all_nodes():

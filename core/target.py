@@ -74,6 +74,7 @@ import onnx
 import onnx_ir as ir
 
 from lowbit.core.errors import UserError
+from lowbit.core.opset import take_converted
 
 _ONNX = ("", "ai.onnx")
 _LOWBIT_TYPES = (ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT2, ir.DataType.UINT2)
@@ -371,13 +372,7 @@ def _downgrade(model: ir.Model, t: Target) -> None:
         first = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(f"{what} cannot be lowered from ai.onnx opset {current} to {t.max_opset} for {t.label}: "
                         f"{first}") from None
-    new = ir.serde.deserialize_model(converted)
-    metadata = {node.name: dict(node.metadata_props) for node in model.graph.all_nodes() if node.metadata_props}
-    for node in new.graph.all_nodes():
-        node.metadata_props.update(metadata.get(node.name, {}))
-    model.graph = new.graph
-    model.opset_imports[""] = t.max_opset
-    model.graph.opset_imports[""] = t.max_opset
+    take_converted(model, converted, t.max_opset)
 
 
 def _since(op_type: str, opset: int) -> int | None:

@@ -61,53 +61,20 @@ def ort_include_dir(env: dict | None = None) -> Path:
     return fetch_ort_headers()
 
 
-def debian_mirror(paths=("/etc/apt/sources.list.d", "/etc/apt/sources.list")) -> str:
-    """The URI of this machine's configured Debian archive (not the security archive).
+_APT_SOURCES = ("/etc/apt/sources.list.d", "/etc/apt/sources.list")
 
-    Reads deb822 ``*.sources`` files (``URIs:``) and one-line ``sources.list`` entries (``deb URI
-    suite …``), so the fetch goes through whatever mirror or proxy the machine already uses.
-    """
-    uris: list[str] = []
+
+def _debian_archives(paths) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of each entry for a Debian archive (a URI ending in ``/debian``, so not the
+    security archive) in deb822 ``*.sources`` stanzas (``URIs:``/``Suites:``) and one-line
+    ``sources.list`` entries (``deb [options] URI suite …``), in the order apt reads them."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             files += sorted(p.glob("*.sources")) + sorted(p.glob("*.list"))
         elif p.is_file():
             files.append(p)
-    for f in files:
-        try:
-            text = f.read_text(errors="replace")
-        except OSError:
-            continue
-        if f.suffix == ".sources":
-            uris += [u for line in text.splitlines() if line.strip().lower().startswith("uris:")
-                     for u in line.split(":", 1)[1].split()]
-        else:
-            for line in text.splitlines():
-                words = [w for w in re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()]
-                if len(words) >= 2 and words[0] == "deb":
-                    uris.append(words[1])
-    for uri in uris:
-        if uri.rstrip("/").endswith("/debian"):
-            return uri.rstrip("/")
-    raise BuildError("no Debian archive is configured in /etc/apt to fetch onnxruntime's headers from "
-                     "(set ORT_INCLUDE_DIR to a folder containing onnxruntime_c_api.h)")
-
-
-def debian_suite(paths=("/etc/apt/sources.list.d", "/etc/apt/sources.list")) -> str:
-    """The release suite this machine is configured for (``bookworm``), from the same apt sources.
-
-    The first suite of the Debian archive's entry that is not a ``-updates``/``-security``/
-    ``-backports`` pocket; used to fetch packages that match the machine's own release (the cross
-    toolchain and qemu of ``lowbit.runtime.edge``).
-    """
-    suites: list[str] = []
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(p.glob("*.sources")) + sorted(p.glob("*.list"))
-        elif p.is_file():
-            files.append(p)
+    entries: list[tuple[str, list[str]]] = []
     for f in files:
         try:
             text = f.read_text(errors="replace")
@@ -117,16 +84,33 @@ def debian_suite(paths=("/etc/apt/sources.list.d", "/etc/apt/sources.list")) -> 
             for stanza in re.split(r"\n\s*\n", text):
                 fields = {line.split(":", 1)[0].strip().lower(): line.split(":", 1)[1].split()
                           for line in stanza.splitlines() if ":" in line and not line.lstrip().startswith("#")}
-                if any(u.rstrip("/").endswith("/debian") for u in fields.get("uris", [])):
-                    suites += fields.get("suites", [])
+                entries += [(u, fields.get("suites", [])) for u in fields.get("uris", [])]
         else:
             for line in text.splitlines():
                 words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
-                if len(words) >= 3 and words[0] == "deb" and words[1].rstrip("/").endswith("/debian"):
-                    suites.append(words[2])
-    for suite in suites:
-        if not suite.endswith(("-updates", "-security", "-backports", "-proposed-updates")):
-            return suite
+                if len(words) >= 2 and words[0] == "deb":
+                    entries.append((words[1], words[2:3]))
+    return [(uri.rstrip("/"), suites) for uri, suites in entries if uri.rstrip("/").endswith("/debian")]
+
+
+def debian_mirror(paths=_APT_SOURCES) -> str:
+    """The URI of this machine's configured Debian archive (not the security archive), so the fetch
+    goes through whatever mirror or proxy the machine already uses."""
+    for uri, _ in _debian_archives(paths):
+        return uri
+    raise BuildError("no Debian archive is configured in /etc/apt to fetch onnxruntime's headers from "
+                     "(set ORT_INCLUDE_DIR to a folder containing onnxruntime_c_api.h)")
+
+
+def debian_suite(paths=_APT_SOURCES) -> str:
+    """The release suite this machine is configured for (``bookworm``): the first suite of a Debian
+    archive entry that is not a ``-updates``/``-security``/``-backports`` pocket; used to fetch
+    packages that match the machine's own release (the cross toolchain and qemu of
+    ``lowbit.runtime.edge``)."""
+    for _, suites in _debian_archives(paths):
+        for suite in suites:
+            if not suite.endswith(("-updates", "-security", "-backports", "-proposed-updates")):
+                return suite
     raise BuildError("no Debian release suite is configured in /etc/apt (a 'Suites:' line of the Debian archive)")
 
 

@@ -100,14 +100,18 @@ def test_debian_mirror_is_read_from_the_machine_configuration(tmp_path):
     parts.mkdir()
     (parts / "debian.sources").write_text(
         "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
-        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\nComponents: main\n")
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm-updates bookworm\nComponents: main\n")
     assert build.debian_mirror([str(parts)]) == "http://mirror.example/debian"
+    assert build.debian_suite([str(parts)]) == "bookworm"  # the release, not a pocket, nor the security archive
     one_line = tmp_path / "sources.list"
-    one_line.write_text("# comment\ndeb [arch=amd64 signed-by=/k.gpg] https://proxy.example/debian bookworm main\n")
+    one_line.write_text("# comment\ndeb [arch=amd64 signed-by=/k.gpg] https://proxy.example/debian trixie main\n")
     assert build.debian_mirror([str(tmp_path / "none.d"), str(one_line)]) == "https://proxy.example/debian"
+    assert build.debian_suite([str(one_line)]) == "trixie"
     (tmp_path / "empty.list").write_text("")
     with pytest.raises(build.BuildError, match="no Debian archive is configured.*ORT_INCLUDE_DIR"):
         build.debian_mirror([str(tmp_path / "empty.list")])
+    with pytest.raises(build.BuildError, match="no Debian release suite"):
+        build.debian_suite([str(tmp_path / "empty.list")])
 
 
 def test_unreachable_mirror_is_one_line(tmp_path, monkeypatch):
