@@ -79,6 +79,18 @@ void ConvWeight::int8_table(int64_t n, int64_t b, int8_t* t) const {
   for (int c = 0; c < ncodes; ++c) t[c] = static_cast<int8_t>(c - zp);
 }
 
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Split::Split(int64_t Ng, int64_t ntiles, int64_t nr, int64_t max_rows) {
+  nchunks = cdiv(Ng, max_rows);
+  while (ntiles * nchunks < 8 && Ng / (nchunks * 2) >= 16) nchunks *= 2;
+  nc = cdiv(cdiv(Ng, nchunks), nr) * nr;
+  nchunks = cdiv(Ng, nc);
+  tgroups = std::min(ntiles, cdiv(16, nchunks));
+  tpt = cdiv(ntiles, tgroups);
+  tgroups = cdiv(ntiles, tpt);
+}
+
 void* scratch(int slot, std::size_t bytes) {
   thread_local std::vector<char> buf[8];
   std::vector<char>& b = buf[slot];
@@ -191,23 +203,13 @@ void conv_scalar(const ConvWeight& cw, const ConvShape& s, const float* X, const
 
 void decode_row(const ConvWeight& cw, int64_t n, float* wk) {
   const LowBitWeight& w = cw.w;
-  const int bits = w.bits, mask = (1 << bits) - 1, ncodes = 1 << bits;
+  const int bits = w.bits, mask = (1 << bits) - 1;
   for (int64_t b = 0, k0 = 0; k0 < w.K; ++b, k0 += w.block_size) {
-    const int64_t i = n * cw.nblocks + b, kn = std::min(w.block_size, w.K - k0);
-    const uint8_t* blk = w.packed + i * cw.block_bytes;
-    auto code = [&](int64_t j) { return (blk[j * bits / 8] >> (j * bits % 8)) & mask; };
-    float* o = wk + k0;
-    if (cw.accuracy == Accuracy::Int8) {
-      int8_t t[16];
-      cw.int8_table(n, b, t);
-      for (int64_t j = 0; j < kn; ++j) o[j] = t[code(j)];
-    } else if (w.format == Format::Codebook) {
-      const float* lv = w.levels + i * ncodes;
-      for (int64_t j = 0; j < kn; ++j) o[j] = lv[code(j)] * w.scales[i];
-    } else {
-      const int zp = cw.zero_point(n, b);
-      for (int64_t j = 0; j < kn; ++j) o[j] = static_cast<float>(code(j) - zp) * w.scales[i];
-    }
+    const int64_t kn = std::min(w.block_size, w.K - k0);
+    const uint8_t* blk = w.packed + (n * cw.nblocks + b) * cw.block_bytes;
+    float t[16];
+    value_table(cw, n, b, t);
+    for (int64_t j = 0; j < kn; ++j) wk[k0 + j] = t[(blk[j * bits / 8] >> (j * bits % 8)) & mask];
   }
 }
 

@@ -10,7 +10,7 @@
 //
 // float accuracy: per task the weight rows of a 256-column K chunk decoded to float (a 16-float
 // table per block through vpermps) and an FMA kernel accumulating into Y (virtual pixels: into
-// a buffer that Im2col::store compacts).
+// a buffer that Im2col::store compacts): conv_driver.h's conv_float over the traits Avx512.
 //
 // Depthwise (one input channel per group): direct 2-D convolution over the zero-padded channel
 // split into stride phases, one run of "virtual" pixels per plane (see conv_depthwise).
@@ -21,18 +21,13 @@
 
 #include <cstring>
 
-#include "conv_internal.h"
+#include "conv_driver.h"
 
 namespace lowbit {
 namespace conv_detail {
 namespace {
 
 constexpr int64_t kL = 16;  // pixels per vector
-// register tiles are arrays of vectors: fully unrolled loops keep them in registers
-#define LB_UNROLL _Pragma("GCC unroll 16")
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline __mmask16 lanes(int64_t n) {
   return n >= kL ? static_cast<__mmask16>(0xFFFF)
                  : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
@@ -235,26 +230,11 @@ void gemm_i8(const Int8Plan& pl, const ConvWeight& cw, const uint8_t* tile, int6
   }
 }
 
-using GemmI8 = void (*)(const Int8Plan&, const ConvWeight&, const uint8_t*, int64_t,
-                        const int8_t*, int64_t, const float*, float*, int64_t, int64_t, GemmOut);
+using GemmVnni = void (*)(const Int8Plan&, const ConvWeight&, const uint8_t*, int64_t,
+                          const int8_t*, int64_t, const float*, float*, int64_t, int64_t, GemmOut);
 constexpr int kNR = 4, kPV = 3;
-template <int NR>
-constexpr GemmI8 kI8Row[kPV] = {gemm_i8<NR, 1>, gemm_i8<NR, 2>, gemm_i8<NR, 3>};
-constexpr const GemmI8* kI8[kNR] = {kI8Row<1>, kI8Row<2>, kI8Row<3>, kI8Row<4>};
-
-// Splits Ng rows × ntiles tiles into ~16 tasks: n chunks (multiples of nr) × tile ranges.
-struct Split {
-  int64_t nc, nchunks, tpt, tgroups;
-  Split(int64_t Ng, int64_t ntiles, int64_t nr) {
-    nchunks = 1;
-    while (ntiles * nchunks < 8 && Ng / (nchunks * 2) >= 16) nchunks *= 2;
-    nc = cdiv(cdiv(Ng, nchunks), nr) * nr;
-    nchunks = cdiv(Ng, nc);
-    tgroups = min64(ntiles, cdiv(16, nchunks));
-    tpt = cdiv(ntiles, tgroups);
-    tgroups = cdiv(ntiles, tpt);
-  }
-};
+constexpr auto kI8 = kernel_table<GemmVnni, kNR, kPV>(
+    [](auto r, auto v) -> GemmVnni { return gemm_i8<decltype(r)::value, decltype(v)::value>; });
 
 void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
                float* Y, const ParallelFor& parallel) {
@@ -274,7 +254,7 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
       pl.ntiles = cdiv(nv, pl.tv);
       uint8_t* act = scratch_of<uint8_t>(0, pl.ntiles * pl.tile_bytes());
       // one n chunk: each task quantizes its own tiles; else all tiles first (a second call)
-      const Split sp(Ng, pl.ntiles, kNR);
+      const Split sp(Ng, pl.ntiles, kNR, Ng);
       const bool fused = sp.nchunks == 1;
       if (!fused)
         parallel(pl.ntiles, [&](std::size_t t) {
@@ -299,17 +279,12 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
           if (fused) quantize_tile(pl, m, t, tile);
           float* y = ybuf ? ybuf : scatter ? yn0 : yn0 + p0;
           const int64_t ystride = ybuf ? pl.tv * kL : P;
-          for (int64_t r = 0; r < rows; r += kNR) {
-            const int nr = static_cast<int>(min64(kNR, rows - r));
-            for (int64_t v = 0; v * kL < np; v += kPV) {
-              const int pv = static_cast<int>(min64(kPV, cdiv(np, kL) - v));
-              GemmOut out;
-              if (scatter) out = {m.wp, s.OW, m.cols, p0 + v * kL};
-              kI8[nr - 1][pv - 1](pl, cw, tile, v, panel + r * pl.nb * pl.bs, n0 + r, bias,
-                                  y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL,
-                                  out);
-            }
-          }
+          for_kernels<kNR, kPV, kL>(rows, np, [&](int64_t r, int nr, int64_t v, int pv) {
+            GemmOut out;
+            if (scatter) out = {m.wp, s.OW, m.cols, p0 + v * kL};
+            kI8(nr, pv)(pl, cw, tile, v, panel + r * pl.nb * pl.bs, n0 + r, bias,
+                                y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL, out);
+          });
           if (ybuf) m.store(ybuf, ystride, rows, p0, np, yn0);
         }
       });
@@ -320,7 +295,6 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
 // float accuracy, general conv
 
 constexpr int kFR = 4, kFV = 4;
-constexpr int64_t kKC = 256;  // K columns per chunk (a multiple of every block size)
 
 // y[r, 16v + lane] (+)= Σ_k wf[r, k]·row_k[16v + lane]; starts from the bias when first.
 template <int NR, int PV>
@@ -351,63 +325,20 @@ void gemm_f32(const float* const* rows, int64_t off, int64_t kn, const float* wf
       _mm512_mask_storeu_ps(y + r * ystride + v * kL, lanes(valid - v * kL), a[r][v]);
 }
 
-using GemmF = void (*)(const float* const*, int64_t, int64_t, const float*, int64_t, const float*,
-                       bool, float*, int64_t, int64_t);
-template <int NR>
-constexpr GemmF kFRow[kFV] = {gemm_f32<NR, 1>, gemm_f32<NR, 2>, gemm_f32<NR, 3>, gemm_f32<NR, 4>};
-constexpr const GemmF* kF[kFR] = {kFRow<1>, kFRow<2>, kFRow<3>, kFRow<4>};
+constexpr auto kF = kernel_table<GemmF, kFR, kFV>(
+    [](auto r, auto v) -> GemmF { return gemm_f32<decltype(r)::value, decltype(v)::value>; });
 
-void conv_float(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
-                float* Y, const ParallelFor& parallel) {
-  const LowBitWeight& w = cw.w;
-  const int64_t K = w.K, bs = w.block_size, P = s.OH * s.OW;
-  const int64_t kc = cdiv(kKC, bs) * bs;
-  const int64_t Cg = s.C / s.group, Ng = s.N / s.group;
-  const int64_t tvmax = 2 * kFV;
-  for (int64_t img = 0; img < s.batch; ++img)
-    for (int64_t g = 0; g < s.group; ++g) {
-      const Im2col m = make_im2col(s, X + (img * s.C + g * Cg) * s.H * s.W, tvmax * kL);
-      const int64_t nv = cdiv(m.cols, kL), tv = min64(nv, tvmax), ntiles = cdiv(nv, tv);
-      const Split sp(Ng, ntiles, kFR);
-      parallel(sp.nchunks * sp.tgroups, [&](std::size_t task) {
-        const int64_t n0 = g * Ng + (task / sp.tgroups) * sp.nc;
-        const int64_t rows = min64(sp.nc, (g + 1) * Ng - n0);
-        const int64_t t0 = (task % sp.tgroups) * sp.tpt, t1 = min64(ntiles, t0 + sp.tpt);
-        const int64_t span = (t1 - t0) * tv * kL;
-        float* buf = scratch_of<float>(1, kc * tv * kL);
-        float* wf = scratch_of<float>(2, rows * kc);
-        // virtual pixels accumulate in ybuf over the K chunks, then store() keeps the real ones
-        float* ybuf = m.virtual_pixels() ? scratch_of<float>(4, rows * span) : nullptr;
-        float* yn0 = Y + (img * s.N + n0) * P;
-        const int64_t ystride = ybuf ? span : P;
-        const float* r[kKC];
-        for (int64_t k0 = 0; k0 < K; k0 += kc) {
-          const int64_t kn = min64(kc, K - k0);
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < kn; j += bs)
-              decode_f32(cw, n0 + i, (k0 + j) / bs, min64(bs, kn - j), wf + i * kc + j);
-          for (int64_t t = t0; t < t1; ++t) {
-            const int64_t p0 = t * tv * kL, np = min64(tv * kL, m.cols - p0);
-            m.rows(k0, kn, p0, tv * kL, r, buf);
-            float* y = ybuf ? ybuf + (t - t0) * tv * kL : yn0 + p0;
-            for (int64_t i = 0; i < rows; i += kFR) {
-              const int nr = static_cast<int>(min64(kFR, rows - i));
-              for (int64_t v = 0; v * kL < np; v += kFV) {
-                const int pv = static_cast<int>(min64(kFV, cdiv(np, kL) - v));
-                kF[nr - 1][pv - 1](r, v * kL, kn, wf + i * kc, kc, bias ? bias + n0 + i : nullptr,
-                                   k0 == 0, y + i * ystride + v * kL, ystride, np - v * kL);
-              }
-            }
-          }
-        }
-        if (ybuf)
-          for (int64_t t = t0; t < t1; ++t) {
-            const int64_t p0 = t * tv * kL;
-            m.store(ybuf + (t - t0) * tv * kL, span, rows, p0, min64(tv * kL, m.cols - p0), yn0);
-          }
-      });
-    }
-}
+// The ISA traits of conv_driver.h's conv_float.
+struct Avx512 {
+  static constexpr int64_t kL = 16;
+  static constexpr int kFR = 4, kFV = 4;
+  static constexpr int64_t kFTile = 2 * kFV;
+  static void decode_f32(const ConvWeight& cw, int64_t n, int64_t b, int64_t j1, float* dst) {
+    conv_detail::decode_f32(cw, n, b, j1, dst);
+  }
+  static GemmF gemm_f32(int nr, int pv) { return kF(nr, pv); }
+};
+static_assert(Avx512::kL == kL, "one vector length");
 
 // ---------------------------------------------------------------------------------------------
 // depthwise: one input channel per group, Y[n] = conv(X[n / (N / C)], one kh×kw kernel)
@@ -629,7 +560,7 @@ void conv_avx512(const ConvWeight& cw, const ConvShape& s, const float* X, const
                  float* Y, const ParallelFor& parallel) {
   if (s.C == s.group) return conv_depthwise(cw, s, X, bias, Y, parallel);
   if (cw.accuracy == Accuracy::Int8) return conv_int8(cw, s, X, bias, Y, parallel);
-  conv_float(cw, s, X, bias, Y, parallel);
+  conv_float<Avx512>(cw, s, X, bias, Y, parallel);
 }
 
 }  // namespace conv_detail

@@ -14,41 +14,13 @@
 
 #include <cstring>
 
-#include "conv_internal.h"
+#include "conv_driver.h"
 
 namespace lowbit {
 namespace conv_detail {
 namespace {
 
 constexpr int64_t kL = 4;  // pixels per vector
-#define LB_UNROLL _Pragma("GCC unroll 16")
-#define LB_INLINE inline __attribute__((always_inline))
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-inline void store_lanes(float* p, float32x4_t v, int64_t n) {
-  if (n >= kL) return vst1q_f32(p, v);
-  float t[4];
-  vst1q_f32(t, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
-}
-
-// 16 codes j0 … j0+15 (j0 a multiple of 16) of a packed block, one per byte, in column order.
-inline uint8x16_t codes16(const uint8_t* blk, int bits, int64_t j0) {
-  if (bits == 4) {
-    const uint8x8_t v = vld1_u8(blk + j0 / 2);
-    const uint8x8_t lo = vand_u8(v, vdup_n_u8(15)), hi = vshr_n_u8(v, 4);
-    return vcombine_u8(vzip1_u8(lo, hi), vzip2_u8(lo, hi));
-  }
-  uint32_t raw;
-  std::memcpy(&raw, blk + j0 / 4, 4);
-  const uint8x8_t v = vreinterpret_u8_u32(vdup_n_u32(raw)), m = vdup_n_u8(3);
-  const uint8x8_t c0 = vand_u8(v, m), c1 = vand_u8(vshr_n_u8(v, 2), m);
-  const uint8x8_t c2 = vand_u8(vshr_n_u8(v, 4), m), c3 = vshr_n_u8(v, 6);
-  const uint16x4_t c01 = vreinterpret_u16_u8(vzip1_u8(c0, c1)), c23 = vreinterpret_u16_u8(vzip1_u8(c2, c3));
-  return vcombine_u8(vreinterpret_u8_u16(vzip1_u16(c01, c23)), vreinterpret_u8_u16(vzip2_u16(c01, c23)));
-}
 
 // Row n's w_int for the columns of block b into dst[0, bs): zero from the block's last real column.
 void decode_s8(const ConvWeight& cw, int64_t n, int64_t b, int8_t* dst) {
@@ -162,24 +134,8 @@ void gemm_s8(const Plan& pl, const ConvWeight& cw, const int8_t* tile, int64_t v
 using GemmS8 = void (*)(const Plan&, const ConvWeight&, const int8_t*, int64_t, const int8_t*, int64_t,
                         const float*, float*, int64_t, int64_t);
 constexpr int kNR = 4, kPV = 2;  // 8 int32 + 8 float accumulators, 4 weight and 2 pixel registers
-template <int NR>
-constexpr GemmS8 kRow[kPV] = {gemm_s8<NR, 1>, gemm_s8<NR, 2>};
-constexpr const GemmS8* kGemm[kNR] = {kRow<1>, kRow<2>, kRow<3>, kRow<4>};
-
-// Splits Ng rows × ntiles tiles into ~16 tasks: n chunks (multiples of nr, at most max_rows) ×
-// tile ranges (conv_avx2.cc).
-struct Split {
-  int64_t nc, nchunks, tpt, tgroups;
-  Split(int64_t Ng, int64_t ntiles, int64_t nr, int64_t max_rows) {
-    nchunks = cdiv(Ng, max_rows);
-    while (ntiles * nchunks < 8 && Ng / (nchunks * 2) >= 16) nchunks *= 2;
-    nc = cdiv(cdiv(Ng, nchunks), nr) * nr;
-    nchunks = cdiv(Ng, nc);
-    tgroups = min64(ntiles, cdiv(16, nchunks));
-    tpt = cdiv(ntiles, tgroups);
-    tgroups = cdiv(ntiles, tpt);
-  }
-};
+constexpr auto kGemm = kernel_table<GemmS8, kNR, kPV>(
+    [](auto r, auto v) -> GemmS8 { return gemm_s8<decltype(r)::value, decltype(v)::value>; });
 
 void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
                float* Y, const ParallelFor& parallel) {
@@ -209,14 +165,10 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
           const int64_t p0 = t * pl.np, nvalid = min64(pl.np, m.cols - p0);
           quantize_tile(pl, m, p0, tile);
           float* y = ybuf ? ybuf : yn0 + p0;
-          for (int64_t i = 0; i < rows; i += kNR) {
-            const int nr = static_cast<int>(min64(kNR, rows - i));
-            for (int64_t v = 0; v * kL < nvalid; v += kPV) {
-              const int pv = static_cast<int>(min64(kPV, cdiv(nvalid, kL) - v));
-              kGemm[nr - 1][pv - 1](pl, cw, tile, v, panel + i * nb * bs, n0 + i, bias,
-                                    y + i * ystride + v * kL, ystride, nvalid - v * kL);
-            }
-          }
+          for_kernels<kNR, kPV, kL>(rows, nvalid, [&](int64_t i, int nr, int64_t v, int pv) {
+            kGemm(nr, pv)(pl, cw, tile, v, panel + i * nb * bs, n0 + i, bias, y + i * ystride + v * kL,
+                          ystride, nvalid - v * kL);
+          });
           if (ybuf) m.store(ybuf, ystride, rows, p0, nvalid, yn0);
         }
       });

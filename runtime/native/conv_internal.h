@@ -53,6 +53,23 @@ static inline bool is_pointwise(const ConvShape& s) {
          s.pad_left == 0 && s.pad_bottom == 0 && s.pad_right == 0;
 }
 
+// The 2^bits values of block (n, b)'s codes as floats into t: Ŵ (float accuracy, computed as
+// ops.py does) or w_int (int8). Inline: the kernels' weight decoding calls it once per block.
+static inline void value_table(const ConvWeight& cw, int64_t n, int64_t b, float* t) {
+  const LowBitWeight& w = cw.w;
+  const int64_t i = n * cw.nblocks + b, ncodes = int64_t{1} << w.bits;
+  if (cw.accuracy == Accuracy::Int8) {
+    int8_t t8[16];
+    cw.int8_table(n, b, t8);
+    for (int64_t c = 0; c < ncodes; ++c) t[c] = t8[c];
+  } else if (w.format == Format::Codebook) {
+    for (int64_t c = 0; c < ncodes; ++c) t[c] = w.levels[i * ncodes + c] * w.scales[i];
+  } else {
+    const int zp = cw.zero_point(n, b);
+    for (int64_t c = 0; c < ncodes; ++c) t[c] = static_cast<float>(c - zp) * w.scales[i];
+  }
+}
+
 // Thread-local scratch, 64-byte aligned, grown on demand and kept for the next call. Slots let
 // one thread hold several buffers at once (callers of conv: 0, 5, 6; tasks: 1–4).
 void* scratch(int slot, std::size_t bytes);
@@ -93,6 +110,14 @@ Im2col make_im2col(const ConvShape& s, const float* x, int64_t overrun);
 // in the padding); plane = input channel c of the image.
 void im2col_row(const ConvShape& s, const float* plane, int64_t ky, int64_t kx, int64_t p0,
                 int64_t n, float* dst);
+
+// Splits Ng rows × ntiles pixel tiles into ~16 tasks: n chunks (multiples of nr, at most
+// max_rows) × tile ranges (tgroups of tpt tiles). Task i takes chunk i / tgroups, tile group
+// i % tgroups.
+struct Split {
+  int64_t nc, nchunks, tpt, tgroups;
+  Split(int64_t Ng, int64_t ntiles, int64_t nr, int64_t max_rows);
+};
 
 // wk[k] for k < K of row n, as floats: Ŵ (float accuracy) or w_int (int8) — depthwise taps.
 void decode_row(const ConvWeight& cw, int64_t n, float* wk);
