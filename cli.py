@@ -300,7 +300,10 @@ def cmd_passes(args) -> int:
 def cmd_deploy(args) -> int:
     from lowbit.runtime.deploy import deploy
 
-    done = deploy(args.model, args.output, arch=args.target, check=args.check, seed=args.seed)
+    if args.inputs is not None and not args.check:
+        raise UserError("--inputs is the data of --check; add --check")
+    done = deploy(args.model, args.output, arch=args.target, check=args.check, inputs=args.inputs, seed=args.seed,
+                  batch=args.batch_size)
     lines = [f"lowbit deploy: {args.model} for {done.arch} in {done.folder}", ""]
     rows = [[name, human_bytes(size)] for name, size in done.files.items()]
     rows.append(["total", human_bytes(sum(done.files.values()))])
@@ -419,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder to write (must not exist, or be empty)")
     p.add_argument("--target", default="x86_64", help="device CPU: x86_64 (default) or aarch64")
     p.add_argument("--check", action="store_true", help="run the folder's host on seeded inputs and compare outputs")
-    p.add_argument("--seed", type=int, default=0, help="seed for the check's inputs (default 0)")
+    p.add_argument("--inputs", help="the check's inputs: FILE.npz, a folder of .npz or module:function (as --calib; "
+                                    "default: seeded random data)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples the check runs at once (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the check's random inputs (default 0)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("demo", parents=[common], help="compress the embedded digits CNN and show before/after",

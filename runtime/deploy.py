@@ -15,7 +15,8 @@ A deployment is four files in one folder, for one CPU architecture (``x86_64`` o
 
 Everything is built from source for the target by ``runtime.edge`` (cross-compiled with Debian's
 ``g++-aarch64-linux-gnu`` for ``aarch64``) and stripped; builds are cached per architecture and
-source digest in ``~/.cache/lowbit``. ``check=True`` runs the folder's own host on seeded inputs —
+source digest in ``~/.cache/lowbit``. ``check=True`` runs the folder's own host on the first batch
+of ``inputs`` (the forms of ``--calib``) or on seeded random inputs —
 under ``qemu-aarch64`` for ``aarch64`` — and compares its outputs with this machine's Python run
 of the same model: within ``edge.FLOAT_TOLERANCE`` for a float model and within
 ``edge.LOWBIT_TOLERANCE`` when lowbit's low-bit ops run (``DEVELOPERS.md`` says why the two
@@ -82,12 +83,18 @@ def _lowbit_ops(model) -> list[str]:
     return sorted({node.op_type for node in model.graph.all_nodes() if node.domain == "lowbit"})
 
 
-def _check(model, model_path: Path, build: edge.Build, folder: Path, *, seed: int, batch: int) -> dict:
-    """Run the folder's host on seeded inputs and compare with this machine's Python run."""
+def _check_feed(model, inputs: str | None, *, seed: int, batch: int) -> dict[str, np.ndarray]:
+    """The check's inputs: the first batch of ``inputs`` (the forms of ``--calib``: .npz, a folder of
+    them, module:function), else seeded random data (fine for comparing two runs of one model)."""
+    if inputs is None:
+        return calib.random_feed(calib.input_specs(model), batch, np.random.default_rng(seed))
+    return calib.open_calibration(inputs, model, batch_size=batch, seed=seed).first(batch)
+
+
+def _check(model, model_path: Path, build: edge.Build, folder: Path, feed: dict[str, np.ndarray]) -> dict:
+    """Run the folder's host on ``feed`` and compare with this machine's Python run."""
     from lowbit.runtime.session import session
 
-    specs = calib.input_specs(model)
-    feed = calib.random_feed(specs, batch, np.random.default_rng(seed))
     want = session(str(model_path)).run(None, feed)
     names = [v.name for v in model.graph.outputs]
     with tempfile.TemporaryDirectory(prefix="lowbit-deploy-check-") as work:
@@ -106,8 +113,8 @@ def _check(model, model_path: Path, build: edge.Build, folder: Path, *, seed: in
     return result
 
 
-def deploy(model_path, out_dir, *, arch: str = "x86_64", check: bool = False, seed: int = 0,
-           batch: int = 1) -> Deployment:
+def deploy(model_path, out_dir, *, arch: str = "x86_64", check: bool = False, inputs: str | None = None,
+           seed: int = 0, batch: int = 1) -> Deployment:
     """Write ``out_dir`` (which must not exist, or be empty) with what ``model_path`` needs on ``arch``.
 
     Raises ``UserError`` for a missing or unreadable model, an unknown architecture, an output
@@ -124,6 +131,7 @@ def deploy(model_path, out_dir, *, arch: str = "x86_64", check: bool = False, se
     if not out_dir.parent.is_dir():
         raise UserError(f"the folder for {out_dir} does not exist: {out_dir.parent}")
     lowbit_ops = _lowbit_ops(model)
+    feed = _check_feed(model, inputs, seed=seed, batch=batch) if check else None  # bad data named before building
     build = edge.cached_build(arch)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -136,7 +144,7 @@ def deploy(model_path, out_dir, *, arch: str = "x86_64", check: bool = False, se
                                      library=staging / build.library.name)
         result = None
         if check:
-            result = _check(model, model_path, staged, staging, seed=seed, batch=batch)
+            result = _check(model, model_path, staged, staging, feed)
             if not result["passed"]:
                 raise UserError(f"deploy check failed: {model_path.name} on {arch} differs from this machine's run by "
                                 f"{result['max_rel_diff']:.2e} relative (tolerance {result['tolerance']:.0e})")

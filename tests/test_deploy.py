@@ -3,12 +3,12 @@
 - the W4 digits CNN (ConvLowBit + MatMulNBits) for aarch64: model, host, onnxruntime and the op
   library, nothing else; the check runs the folder's own host under qemu and matches this machine
   within 1e-5 relative (measured 2.6e-7); the sizes the README's deployment guide quotes;
-- a float model ships without the op library;
+- a float model ships without the op library, and checks on the first batch of a sample file;
 - a W2 tiny LLaMA lowered to MatMulLowBit stays at ai.onnx opset 25 (quantize's int2), which the
   shipped onnxruntime 1.21 cannot load: deploy refuses it naming the fix, and after
   ``compress --target-ort 1.21`` the same model deploys and checks;
-- bad input: a missing model, an output folder in the way, an unknown target — exit 2, one line,
-  nothing written.
+- bad input: a missing model, an output folder in the way, an unknown target, a missing sample
+  file — exit 2, one line, nothing written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from helpers import digits_calibration, run_pipeline
 from lowbit.core import io
 from lowbit.core.calib import input_specs
 from lowbit.core.compile import compress
-from lowbit.models import demo
+from lowbit.models import data, demo
 from lowbit.runtime import edge
 
 LIBRARY_BAR = 2 * 1024 * 1024  # issue #8: the stripped op library ≤ 2 MB
@@ -65,13 +65,18 @@ def test_aarch64_folder_holds_what_the_device_needs_and_checks(run_cli, w4_digit
     assert manifest["total_bytes"] == sum(manifest["files"].values())
 
 
-def test_a_float_model_ships_without_the_op_library(run_cli, tmp_path):
+def test_a_float_model_ships_without_the_op_library_and_checks_on_given_inputs(run_cli, tmp_path):
+    digits = demo.model_path("digits")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, **{input_specs(io.load(digits))[0].name: data.digits_eval_set()[0][:40]})
     out = tmp_path / "float"
-    code, stdout, stderr = run_cli("deploy", demo.model_path("digits"), "-o", out, "--check", "--json")
+    code, stdout, stderr = run_cli("deploy", digits, "-o", out, "--check", "--inputs", samples, "--batch-size", 32,
+                                   "--json")
     assert code == 0, stderr
     assert "liblowbit_ops.so" not in _listing(out)
     report = json.loads(stdout)
     assert report["lowbit_ops"] == [] and not report["check"]["emulated"]
+    assert list(report["check"]["inputs"].values()) == [[32, 1, 8, 8]]  # the first batch of the file
     assert report["check"]["max_rel_diff"] <= 1e-4  # onnxruntime 1.21 vs 1.31, measured 0.0
 
 
@@ -101,7 +106,7 @@ def test_an_opset_the_shipped_onnxruntime_lacks_is_refused_until_targeted(run_cl
     assert check["passed"] and check["max_rel_diff"] <= 1e-5, check  # measured ≤ 4.4e-7
 
 
-@pytest.mark.parametrize("case", ["missing model", "folder in the way", "unknown target"])
+@pytest.mark.parametrize("case", ["missing model", "folder in the way", "unknown target", "missing inputs"])
 def test_bad_input_is_named_and_nothing_is_written(run_cli, w4_digits, tmp_path, case):
     out = tmp_path / "out"
     args = [w4_digits, "-o", out]
@@ -112,9 +117,12 @@ def test_bad_input_is_named_and_nothing_is_written(run_cli, w4_digits, tmp_path,
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         named = f"output folder {out} exists and is not empty"
-    else:
+    elif case == "unknown target":
         args += ["--target", "riscv64"]
         named = "riscv64"
+    else:
+        args += ["--check", "--inputs", tmp_path / "none.npz"]
+        named = "none.npz"
     code, stdout, stderr = run_cli("deploy", *args)
     assert code == 2 and stdout == ""
     lines = stderr.strip().splitlines()
