@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import tiny_cnn
+from helpers import digits_calibration, run_pipeline, tiny_cnn
 from lowbit.core import io
 from lowbit.models import minilm
 
@@ -29,6 +29,20 @@ def lite0_path(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("efficientnet") / "efficientnet_lite0.onnx"
     efficientnet_lite0.export(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_w4_lowered(tmp_path_factory) -> Path:
+    """The digits CNN with W4 block-32 weights lowered to lowbit's ops (5 ConvLowBit + 1
+    MatMulNBits), written once per session for the host, edge and deploy tests."""
+    from lowbit.models import demo
+
+    model = io.load(demo.model_path("digits"))
+    run_pipeline(model, "quantize(weights=4,block=32)", calib=digits_calibration(model))
+    run_pipeline(model, "lower(select=rule,use=lowbit)")
+    path = tmp_path_factory.mktemp("digits-w4") / "digits_w4.onnx"
+    io.save(model, path)
     return path
 
 

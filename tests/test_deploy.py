@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import digits_calibration, run_pipeline
 from lowbit.core import io
 from lowbit.core.calib import input_specs
 from lowbit.core.compile import compress
@@ -29,29 +28,19 @@ from lowbit.runtime import edge
 LIBRARY_BAR = 2 * 1024 * 1024  # issue #8: the stripped op library ≤ 2 MB
 
 
-@pytest.fixture(scope="module")
-def w4_digits(tmp_path_factory) -> Path:
-    model = io.load(demo.model_path("digits"))
-    run_pipeline(model, "quantize(weights=4,block=32)", calib=digits_calibration(model))
-    run_pipeline(model, "lower(select=rule,use=lowbit)")
-    path = tmp_path_factory.mktemp("deploy-models") / "digits_w4.onnx"
-    io.save(model, path)
-    return path
-
-
 def _listing(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in folder.iterdir()}
 
 
-def test_aarch64_folder_holds_what_the_device_needs_and_checks(run_cli, w4_digits, tmp_path):
+def test_aarch64_folder_holds_what_the_device_needs_and_checks(run_cli, digits_w4_lowered, tmp_path):
     out = tmp_path / "device"
-    code, stdout, stderr = run_cli("deploy", w4_digits, "-o", out, "--target", "aarch64", "--check", "--json")
+    code, stdout, stderr = run_cli("deploy", digits_w4_lowered, "-o", out, "--target", "aarch64", "--check", "--json")
     assert code == 0, stderr
     report = json.loads(stdout)
     files = _listing(out)
     assert set(files) == {"digits_w4.onnx", "lowbit-run", "libonnxruntime.so.1", "liblowbit_ops.so", "manifest.json"}
-    assert files["digits_w4.onnx"] == w4_digits.stat().st_size  # copied as is
-    assert (out / "digits_w4.onnx").read_bytes() == w4_digits.read_bytes()
+    assert files["digits_w4.onnx"] == digits_w4_lowered.stat().st_size  # copied as is
+    assert (out / "digits_w4.onnx").read_bytes() == digits_w4_lowered.read_bytes()
     assert files["liblowbit_ops.so"] <= LIBRARY_BAR  # measured 396 kB
     assert files["lowbit-run"] <= 256 * 1024  # measured 134 kB
     for name in ("lowbit-run", "libonnxruntime.so.1", "liblowbit_ops.so"):
@@ -107,9 +96,9 @@ def test_an_opset_the_shipped_onnxruntime_lacks_is_refused_until_targeted(run_cl
 
 
 @pytest.mark.parametrize("case", ["missing model", "folder in the way", "unknown target", "missing inputs"])
-def test_bad_input_is_named_and_nothing_is_written(run_cli, w4_digits, tmp_path, case):
+def test_bad_input_is_named_and_nothing_is_written(run_cli, digits_w4_lowered, tmp_path, case):
     out = tmp_path / "out"
-    args = [w4_digits, "-o", out]
+    args = [digits_w4_lowered, "-o", out]
     if case == "missing model":
         args[0] = tmp_path / "nope.onnx"
         named = "nope.onnx"

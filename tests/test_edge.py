@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import array_calibration, digits_calibration, run_pipeline
+from helpers import array_calibration, run_pipeline
 from lowbit.core import io
 from lowbit.core.errors import UserError
 from lowbit.models import data, demo
@@ -115,14 +115,10 @@ def _ops(path: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+def models(tmp_path_factory, digits_w4_lowered) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
     """Three models and their inputs: the float digits CNN, its W4 lowering, a rotated W2 LLaMA."""
     folder = tmp_path_factory.mktemp("edge-models")
     images = data.digits_calib(16)
-    digits = io.load(demo.model_path("digits"))
-    run_pipeline(digits, "quantize(weights=4,block=32)", calib=digits_calibration(digits))
-    run_pipeline(digits, "lower(select=rule,use=lowbit)")
-    io.save(digits, folder / "digits_w4.onnx")
     # rotate's default fused mode folds everything into weights except the down_proj input (344
     # wide: no power of two, so that one stays a MatMul even with online=op); mode=online rotates
     # every 128-wide linear input with lowbit's Hadamard op (13 nodes). Then 2-bit weights as
@@ -137,7 +133,7 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
                  calib=array_calibration(llama, {llama.graph.inputs[0].name: tokens}, batch=8))
     io.save(llama, folder / "llama_w2.onnx")
     return {"digits_float": (demo.model_path("digits"), {"input": images}),
-            "digits_w4": (folder / "digits_w4.onnx", {"input": images}),
+            "digits_w4": (digits_w4_lowered, {"input": images}),
             "llama_w2": (folder / "llama_w2.onnx",
                          {"tokens": np.random.default_rng(1).integers(0, 256, (2, 16)).astype(np.int64)})}
 

@@ -30,7 +30,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from helpers import digits_calibration, run_pipeline
 
 from lowbit.core import io
 from lowbit.models import data, demo
@@ -53,18 +52,15 @@ def host_build() -> edge.Build:
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, digits_w4_lowered) -> dict[str, Path]:
     """The float digits CNN, its W4 lowering (lowbit ops), and the lowering with a static batch of N."""
     folder = tmp_path_factory.mktemp("host-models")
-    lowered = io.load(demo.model_path("digits"))
-    run_pipeline(lowered, "quantize(weights=4,block=32)", calib=digits_calibration(lowered))
-    run_pipeline(lowered, "lower(select=rule,use=lowbit)")
+    lowered = io.load(digits_w4_lowered)
     ops = [f"{n.domain}.{n.op_type}" for n in lowered.graph]
     assert ops.count("lowbit.ConvLowBit") == 5 and ops.count("com.microsoft.MatMulNBits") == 1
-    io.save(lowered, folder / "digits_w4.onnx")
     lowered.graph.inputs[0].shape = ir.Shape([N, 1, 8, 8])
     io.save(lowered, folder / "digits_w4_static.onnx")
-    return {"float": demo.model_path("digits"), "w4": folder / "digits_w4.onnx",
+    return {"float": demo.model_path("digits"), "w4": digits_w4_lowered,
             "w4_static": folder / "digits_w4_static.onnx"}
 
 
