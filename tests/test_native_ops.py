@@ -300,6 +300,21 @@ def test_matmul_without_zero_points_and_bias():
     assert rel_err(y, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("zero_points", [True, False])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matmul_half_scales_match_reference(bits, zero_points):
+    """Scales that are exact halves (quantize's scales=auto) take the AVX-512 int8 kernel's half-scale
+    storage (runtime/native/matmul_internal.h); its outputs are the reference's."""
+    rng = np.random.default_rng(40 + bits + zero_points)
+    for M, threads in (((1,), 1), ((5,), 2)):
+        A, inputs, attrs = matmul_case(rng, M=M, K=517, N=40, bits=bits, block_size=32, accuracy="int8",
+                                       zero_points=zero_points)
+        inputs["scales"] = inputs["scales"].astype(np.float16).astype(np.float32)
+        y = run(model("MatMulLowBit", A, inputs, attrs), {"A": A}, threads=threads)
+        ref = reference.matmul_lowbit(A, *(inputs[k] for k in ("W", "scales", "zero_points", "levels", "bias")), **attrs)
+        assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
+
+
 CONV_CASES = [
     # B, C, H, W, N, (kh, kw), strides, pads, dilations, group, bits, block_size
     (1, 3, 9, 11, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, 16),

@@ -1,6 +1,7 @@
 // MatMulLowBit (runtime/ops.py): prepacking, ISA dispatch and the portable scalar path.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "matmul_internal.h"
 
@@ -27,6 +28,28 @@ float* ActBuffers::float_rows(int64_t M, int64_t stride) {
   return f.data();
 }
 
+bool exact_half(float f, uint16_t* h) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u, man = u & 0x7FFFFFu;
+  const int exp = static_cast<int>((u >> 23) & 0xFFu) - 127;
+  if ((u & 0x7FFFFFFFu) == 0) {
+    *h = static_cast<uint16_t>(sign);
+    return true;
+  }
+  if (exp > 15 || exp < -24) return false;  // too large, infinite, NaN, too small or a float subnormal
+  if (exp >= -14) {                          // a normal half: 10 of the 23 mantissa bits
+    if (man & 0x1FFFu) return false;
+    *h = static_cast<uint16_t>(sign | static_cast<uint32_t>(exp + 15) << 10 | man >> 13);
+    return true;
+  }
+  // a subnormal half m·2^−24: the float is (2^23 + man)·2^(exp − 23), so m = (2^23 + man) >> (−1 − exp)
+  const uint32_t full = man | 0x800000u, shift = static_cast<uint32_t>(-1 - exp);
+  if (full & ((1u << shift) - 1)) return false;
+  *h = static_cast<uint16_t>(sign | full >> shift);
+  return true;
+}
+
 namespace {
 
 int zero_point(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b) {
@@ -49,6 +72,15 @@ float codebook_table(const float* levels, int count, float scale, int8_t* table)
   const float inv = lmax > 0.f ? 127.f / lmax : 0.f;
   for (int v = 0; v < count; ++v) table[v] = static_cast<int8_t>(std::nearbyint(levels[v] * inv));
   return scale * (lmax / 127.f);
+}
+
+// Half scales (matmul_internal.h) when every one is exactly a half; the padded rows' 0 is one.
+void use_half_scales(MatMulWeight& p) {
+  AlignedVector<uint16_t> half(p.scales.size());
+  for (std::size_t i = 0; i < half.size(); ++i)
+    if (!exact_half(p.scales[i], &half[i])) return;
+  p.half_scales = std::move(half);
+  AlignedVector<float>().swap(p.scales);
 }
 
 // The x86 int8 layout (matmul_internal.h), one row and block at a time.
@@ -88,6 +120,7 @@ void prepack_interleaved(MatMulWeight& p) {
       if (!p.zp.empty()) p.zp[gb * kGroup + i] = w.zero_points[n * nb + b];
     }
   }
+  if (p.isa == Isa::Avx512Vnni && !codebook) use_half_scales(p);
 }
 
 void prepack_scalar_int8(MatMulWeight& p) {
@@ -119,6 +152,7 @@ void prepack_neon_int8(MatMulWeight& p) {
       p.scales[at] = codebook ? p.scalar_scales[n * nb + b] : w.scales[n * nb + b];
       if (!p.zp.empty()) p.zp[at] = w.zero_points[n * nb + b];
     }
+  if (!codebook) use_half_scales(p);
 }
 #endif
 

@@ -125,7 +125,9 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
                 float* const* y_out) {
   const int64_t nb = p.nblocks, chunks = p.chunks(), bs = p.w.block_size;
   const uint8_t* code = p.codes.data() + g * nb * chunks * 64;
-  const float* scale = p.scales.data() + g * nb * kGroup;
+  const bool half = !p.half_scales.empty();
+  const float* scale = half ? nullptr : p.scales.data() + g * nb * kGroup;
+  const uint16_t* half_scale = half ? p.half_scales.data() + g * nb * kGroup : nullptr;
   constexpr int kValues = 1 << BITS;
   const int8_t* q[MT];
   for (int m = 0; m < MT; ++m) q[m] = rows[m].q;
@@ -157,7 +159,8 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
                               scaled, std::make_integer_sequence<int, 8 / BITS>{});
     if constexpr (ZP != Zp::Codebook)
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(acc[m], _mm512_srai_epi32(scaled[m], BITS));
-    const __m512 s = _mm512_loadu_ps(scale + b * kGroup);
+    const __m512 s = half ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(half_scale + b * kGroup)))
+                          : _mm512_loadu_ps(scale + b * kGroup);
     for (int m = 0; m < MT; ++m)
       y[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]),
                              _mm512_mul_ps(s, _mm512_set1_ps(rows[m].d[b])), y[m]);

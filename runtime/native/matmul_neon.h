@@ -137,7 +137,9 @@ void tile_int8(const MatMulWeight& p, const QuantRow* rows, int64_t n0, const fl
       }
     }
     const int64_t gb = g * nb + b;
-    const float32x4_t s = vld1q_f32(p.scales.data() + gb * kGroup + i0);
+    const float32x4_t s = p.half_scales.empty()
+                              ? vld1q_f32(p.scales.data() + gb * kGroup + i0)
+                              : vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.half_scales.data() + gb * kGroup + i0)));
     int32x4_t zp = vdupq_n_s32(p.zp_const);
     if constexpr (ZP == Zp::Block) {
       uint32_t z4;

@@ -120,6 +120,25 @@ const char* name(Isa isa) {
   }
 }
 
+// exact_half against numpy's float16 bits; -1: not a half.
+bool check_halves() {
+  const std::pair<float, int> cases[] = {
+      {1.f, 0x3C00}, {65504.f, 0x7BFF}, {65520.f, -1}, {std::ldexp(1.f, -24), 0x0001}, {std::ldexp(1.f, -25), -1},
+      {std::ldexp(3.f, -24), 0x0003}, {1.f + std::ldexp(1.f, -10), 0x3C01}, {1.f + std::ldexp(1.f, -11), -1},
+      {-2.f, 0xC000}, {0.f, 0x0000}, {-0.f, 0x8000}, {std::ldexp(1.f, -14), 0x0400}, {std::ldexp(3.f, -16), 0x0300},
+      {std::ldexp(3.f, -25), -1}, {0.1f, -1}, {INFINITY, -1}, {NAN, -1}, {std::ldexp(1.f, -130), -1}};
+  bool ok = true;
+  for (const auto& [f, want] : cases) {
+    uint16_t h = 0;
+    const bool exact = matmul_detail::exact_half(f, &h);
+    if (exact != (want >= 0) || (exact && h != want)) {
+      std::printf("FAIL exact_half(%g): %s 0x%04x, want %s%04x\n", f, exact ? "half" : "no half", h, want < 0 ? "none " : "0x", want < 0 ? 0 : want);
+      ok = false;
+    }
+  }
+  return ok;
+}
+
 bool check(Pool& pool) {
   // worst error / Σ|terms| per (path, format, bits, block, accuracy)
   std::map<std::tuple<int, int, int, int64_t, int>, double> worst;
@@ -142,6 +161,14 @@ bool check(Pool& pool) {
             if (M > 0) std::fill(A.begin(), A.begin() + std::min(K, bs), 0.f);
             std::fill(w.levels.begin(), w.levels.begin() + std::min<std::size_t>(w.levels.size(), 1 << bits), 0.f);
           }
+          const bool halves = variant == 6 || variant == 7;  // scales the quantizer rounded to halves
+          if (halves)
+            for (float& s : w.scales) {
+              uint32_t u;
+              std::memcpy(&u, &s, sizeof u);
+              u &= ~0x1FFFu;
+              std::memcpy(&s, &u, sizeof u);
+            }
           const auto bias = randn(N);
           const float* b = variant == 5 ? nullptr : bias.data();
           for (Accuracy acc : {Accuracy::Float, Accuracy::Int8}) {
@@ -150,6 +177,13 @@ bool check(Pool& pool) {
             std::vector<float> Ys;  // the scalar path's output (paths()[0])
             for (Isa isa : ps) {
               auto p = matmul_detail::prepack(w.view, acc, isa);
+              const bool want_half = halves && acc == Accuracy::Int8 && fmt == Format::Uniform &&
+                                     (isa == Isa::Avx512Vnni || isa == Isa::Neon || isa == Isa::NeonDotprod);
+              if (static_cast<const MatMulWeight&>(*p).half_scales.empty() == want_half) {
+                std::printf("FAIL %s %d-bit block %ld: half scales %s\n", name(isa), bits, bs,
+                            want_half ? "not used" : "used where they do not apply");
+                ok = false;
+              }
               for (int th = 0; th < 2; ++th) {
                 std::vector<float> Y(M * N, NAN);
                 matmul_lowbit(*p, A.data(), M, b, Y.data(), th ? par2 : serial());
@@ -270,7 +304,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::printf("isa: %s\n", isa());
   Pool pool(2);
-  const bool ok = check(pool);
+  const bool ok = check_halves() & check(pool);
   std::printf("%s\n", ok ? "all checks passed" : "SOME CHECKS FAILED");
   if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) bench(pool, argc > 2 ? argv[2] : nullptr);
   return ok ? 0 : 1;
