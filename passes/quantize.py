@@ -23,6 +23,12 @@ ride in int4 containers and are reported as such) or ``matmulnbits`` (``com.micr
 for MatMul/Gemm weights; other weights stay QDQ at opset 21, 2-bit codes then in int4 containers).
 A ``block`` that does not divide K leaves a shorter last block (ONNX gives that axis ceil(K/block)
 scales); nothing is refused for it.
+
+Scales (``scales``): with ``auto`` (the default) the block scales of 2-4 bit weights are rounded to
+float16 values before the codes are chosen (a relative change ≤ 2^-11; the tensors stay float32),
+as GPTQ/AWQ checkpoints store them: lowbit's MatMulLowBit int8 kernels then keep them in 2 bytes,
+so a 2-bit block-32 weight streams 2.5 instead of 3 bits per weight. ``float16``/``float32`` force
+either for every weight.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class QuantizeOptions:
     block: int = option(32, "reduction elements per scale block (16, 32, 64, 128 or 256), with granularity=block")
     symmetric: bool = option(True, "signed codes with zero point 0 (false: unsigned codes with a zero point)")
     method: Literal["rtn", "gptq", "codebook"] = option("rtn", "weight rounding: round-to-nearest, GPTQ (needs --calib), or non-uniform codebook")
+    scales: Literal["auto", "float16", "float32"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision; auto: float16 for blocks of 2-4 bit weights")
     mse_clip: bool = option(True, "search the clipping ratio that minimises each block's squared error")
     damp: float = option(0.01, "GPTQ damping, as a fraction of the mean diagonal of H")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing H diagonal")

@@ -36,7 +36,10 @@ zero point does not depend on c (z = round(-c*min / (c*s))), so clipping shrinks
 range toward zero by the same ratio. A group of all zeros gets s = 1 (any scale is exact).
 
 Scales are stored as float32 (what ONNX holds) and codes are computed with the stored float32
-scale, so :meth:`QuantizedWeight.dequantize` equals what onnxruntime computes, bit for bit.
+scale, so :meth:`QuantizedWeight.dequantize` equals what onnxruntime computes, bit for bit. A grid
+with ``half_scales`` rounds each scale to the nearest float16 first (still stored as float32; a
+scale outside float16's normal range [2^-14, 65504] stays as it is): a relative change of at
+most 2^-11, and lowbit's native kernels then keep the scales in half the bytes.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Grid:
 
     bits: int
     symmetric: bool = True
+    half_scales: bool = False
 
     def __post_init__(self):
         bits = self.bits
@@ -77,6 +81,7 @@ class Grid:
         if not isinstance(self.symmetric, (bool, np.bool_)):
             raise QuantInputError(f"Grid.symmetric must be True or False; got {self.symmetric!r}")
         object.__setattr__(self, "symmetric", bool(self.symmetric))
+        object.__setattr__(self, "half_scales", bool(self.half_scales))
 
     @property
     def qmin(self) -> int:
@@ -196,13 +201,18 @@ def base_params(Wg: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return s0, z
 
 
-def _as_scale(s0: np.ndarray, clip) -> np.ndarray:
+def _as_scale(s0: np.ndarray, clip, grid: Grid) -> np.ndarray:
     clip = np.asarray(clip, dtype=np.float64)
     if np.any(~np.isfinite(clip)) or np.any(clip <= 0) or np.any(clip > 1):
         raise QuantInputError("clip ratios must lie in (0, 1]")
     scale = (s0 * clip).astype(np.float32)
     # a ratio that underflows float32 would give a zero scale; keep the smallest normal instead
-    return np.maximum(scale, np.finfo(np.float32).tiny)
+    scale = np.maximum(scale, np.finfo(np.float32).tiny)
+    if grid.half_scales:
+        half = np.finfo(np.float16)
+        in_range = (scale >= half.tiny) & (scale <= half.max)
+        scale = np.where(in_range, scale.astype(np.float16).astype(np.float32), scale)
+    return scale
 
 
 def fit_scales(W, groups, grid: Grid, *, clip=1.0, per_tensor: bool = False, name: str = "weight"):
@@ -219,7 +229,7 @@ def fit_scales(W, groups, grid: Grid, *, clip=1.0, per_tensor: bool = False, nam
     else:
         layout = GroupLayout(_default_groups(groups, K), K)
         s0, z = base_params(layout.gather(W), grid)
-    scale = _as_scale(s0, np.broadcast_to(clip, s0.shape))
+    scale = _as_scale(s0, np.broadcast_to(clip, s0.shape), grid)
     return scale, (None if grid.symmetric else z.astype(np.uint8))
 
 

@@ -202,7 +202,7 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
         entry.update(format="codebook", weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=None,
                      bytes_after=_new_bytes(graph, node_before))
         return entry
-    grid = Grid(plan.bits, plan.symmetric)
+    grid = Grid(plan.bits, plan.symmetric, half_scales=_half_scales(plan, o))
     if plan.method == "gptq":
         from lowbit.quant.gptq import gptq
 
@@ -234,6 +234,14 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
         entry["format"] = f"QDQ {'int' if plan.symmetric else 'uint'}{bits}" + (f" holding {plan.bits}-bit codes" if bits != plan.bits else "")
     entry["bytes_after"] = _new_bytes(graph, before)
     return entry
+
+
+def _half_scales(plan: LayerPlan, o) -> bool:
+    """quantize's ``scales``: auto rounds to float16 the block scales of 2-4 bit weights, which
+    lowbit's MatMulLowBit then keeps in half the bytes (its int8 path; exact, see quant.grid)."""
+    if o.scales != "auto":
+        return o.scales == "float16"
+    return plan.granularity == "block" and plan.bits <= 4
 
 
 def _concat(parts):

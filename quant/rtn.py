@@ -153,11 +153,11 @@ def fit_params(Wg: np.ndarray, grid: Grid, clip_grid, weight=None):
     float32 scales actually stored, and c = 1 is kept where it is at least as good.
     """
     s0, z, clip = search_params(Wg, grid, clip_grid, weight)
-    scale = _as_scale(s0, clip)
+    scale = _as_scale(s0, clip, grid)
     if clip_grid is not None:
         clipped = clip < 1.0
         if clipped.any():
-            plain = _as_scale(s0, 1.0)
+            plain = _as_scale(s0, 1.0, grid)
             worse = _group_sse(Wg, scale, z, grid, weight) >= _group_sse(Wg, plain, z, grid, weight)
             worse &= clipped
             scale = np.where(worse, plain, scale)
@@ -192,9 +192,9 @@ def fit_tensor(W: np.ndarray, grid: Grid, clip_grid):
             c2, err2 = best_of([float(r) for r in _refinements(np.float64(c))])
             c = c2 if err2 < err else c
         clip = np.full_like(s0, c)
-    scale = _as_scale(s0, clip)
+    scale = _as_scale(s0, clip, grid)
     if clip[0, 0] < 1.0:
-        plain = _as_scale(s0, 1.0)
+        plain = _as_scale(s0, 1.0, grid)
         if _group_sse(flat, scale, z, grid, None)[0, 0] >= _group_sse(flat, plain, z, grid, None)[0, 0]:
             scale, clip = plain, np.ones_like(s0)
     return scale, z, clip

@@ -236,7 +236,8 @@ def expected_weights(model: ir.Model, *, bits: int, granularity: str, block: int
         K = canonical.shape[1]
         groups = np.arange(K) // block if granularity == "block" else np.zeros(K, dtype=np.int64)
         np.testing.assert_array_equal(site.group_map(granularity, block), groups)
-        q, _ = rtn(canonical.astype(np.float64), groups, Grid(bits, symmetric), mse_clip=mse_clip,
+        half = granularity == "block" and bits <= 4  # scales=auto
+        q, _ = rtn(canonical.astype(np.float64), groups, Grid(bits, symmetric, half_scales=half), mse_clip=mse_clip,
                    per_tensor=granularity == "tensor")
         out[kind] = _stored_by_table(kind, q.dequantize(), shape)
     return out
@@ -299,6 +300,44 @@ def _check_qdq_site(model: ir.Model, kind: str, *, bits: int, granularity: str, 
         expect = [R, R]
         expect[block_axis] = _blocks(K, block)
         assert list(scale.shape) == expect, (kind, scale.shape)
+
+
+def _stored_scales(model: ir.Model) -> np.ndarray:
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    assert dqs
+    return np.concatenate([dq.inputs[1].const_value.numpy().ravel() for dq in dqs])
+
+
+@pytest.mark.parametrize("options,halves", [("weights=4,block=32", True), ("weights=2,block=64,symmetric=false", True),
+                                            ("weights=4,block=32,scales=float32", False),
+                                            ("weights=8,granularity=channel", False),
+                                            ("weights=8,granularity=channel,scales=float16", True)])
+def test_scales_option_rounds_to_halves(options, halves):
+    """scales=auto rounds the block scales of 2-4 bit weights to float16 values (kept in float32
+    tensors), which lowbit's MatMulLowBit then stores in half the bytes; the change to the
+    dequantized weights is at most 2^-11 of a step per scale."""
+    model, plain = sites_model(), sites_model()
+    quantize(model, options)
+    scales = _stored_scales(model)
+    assert scales.dtype == np.float32
+    is_half = scales.astype(np.float16).astype(np.float32) == scales
+    assert is_half.all() if halves else is_half.mean() < 0.05, is_half.mean()
+    if halves and "scales=" not in options:
+        quantize(plain, options + ",scales=float32")
+        full = _stored_scales(plain)
+        assert not (full.astype(np.float16).astype(np.float32) == full).all()
+        assert np.max(np.abs(scales / full - 1)) <= 2.0 ** -11
+
+
+def test_half_scales_keep_out_of_range_values():
+    """A scale below float16's normal range stays as float32 computed it (no subnormal rounding)."""
+    from lowbit.quant.grid import fit_scales
+
+    W = np.array([[1e-7, -2e-7, 3e-7, 0.0], [0.5, -0.25, 0.125, 1.0]])
+    scale, _ = fit_scales(W, np.array([0, 0, 1, 1]), Grid(4, True, half_scales=True))
+    full, _ = fit_scales(W, np.array([0, 0, 1, 1]), Grid(4, True))
+    assert scale[0, 0] == full[0, 0] and scale[0, 0] < np.finfo(np.float16).tiny
+    assert np.float16(scale[1, 1]) == scale[1, 1] and abs(scale[1, 1] / full[1, 1] - 1) <= 2.0 ** -11
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -447,7 +486,7 @@ def test_matmulnbits_keeps_gemm_alpha_beta_c(c_kind, alpha, beta):
     feed = _feed(model)
     quantize(model, "weights=4,block=16,format=matmulnbits,accuracy_level=0", verify=True)
     w = _weight("gemm.w", (24, 40), 0)
-    q, _ = rtn(w.astype(np.float64), np.arange(40) // 16, Grid(4, True))
+    q, _ = rtn(w.astype(np.float64), np.arange(40) // 16, Grid(4, True, half_scales=True))  # scales=auto
     reference = _run(_gemm_model(c_kind, alpha, beta, q.dequantize()), feed)
     assert _rel(_run(model, feed)["y"], reference["y"]) <= REL_TOL
     ops = [n.op_type for n in model.graph]

@@ -106,10 +106,11 @@ CASES = [
     ("llama-w2-qdq", "llama", "quantize(weights=2,block=32)", "1.17", "disable", {"MatMulLowBit": 29, "DequantizeLinear": 0}, 1e-5),
     ("llama-w2-stock", "llama", "quantize(weights=2,block=32)", "1.17:stock", "disable", {"MatMulNBits": 29, "MatMulLowBit": 0}, 1e-5),
     ("digits-w4-qdq", "digits", "quantize(weights=4,block=32)", "1.20", "disable", {"DequantizeLinear": 6}, 1e-5),
-    # int8 ops turn float-rounding differences of the float ops into int8 rounding flips (measured 1.1e-5;
-    # the same file lowered with accuracy=float: 2.8e-7)
+    # int8 ops turn float-rounding differences of the float ops into int8 rounding flips, how many is the
+    # luck of the numbers (measured 1.1e-5 with scales=float32, 2.3e-4 with the default half scales; the
+    # same file lowered with accuracy=float: 2.8e-7)
     ("digits-w4-lowered", "digits", "quantize(weights=4,block=32),lower(select=rule,use=lowbit)", "1.20", "all",
-     {"ConvLowBit": 5, "MatMulNBits": 1}, 1e-4),
+     {"ConvLowBit": 5, "MatMulNBits": 1}, 1e-3),
     ("llama-w4-qdq", "llama", "quantize(weights=4,block=32)", "1.20", "disable", {"DequantizeLinear": 30}, 1e-5),
     # 1.20 has int4 but not int2: the embedding table's 2-bit codes go into int4
     ("llama-w2-qdq", "llama", "quantize(weights=2,block=32)", "1.20", "disable", {"MatMulLowBit": 29, "DequantizeLinear": 1}, 1e-5),
