@@ -150,8 +150,10 @@ def test_select_measure_times_every_candidate():
         times = row["times_ms"]
         expected = {"keep", "ConvLowBit"} if row["op"] == "Conv" else {"keep", "MatMulNBits", "MatMulLowBit"}
         assert set(times) == expected and all(0 < t < 1000 for t in times.values())
-        fastest = min(times, key=times.get)
-        assert row["choice"] == fastest or (row["choice"] == "keep" and times["keep"] <= 1.03 * times[fastest] / 0.97)
+        # the report rounds times to 0.1 µs; the choice is the fastest unrounded one (ties within rounding),
+        # or keep when nothing is 3% faster
+        fastest = min(times.values())
+        assert times[row["choice"]] <= fastest + 1e-4 or (row["choice"] == "keep" and times["keep"] <= 1.03 * fastest / 0.97)
 
 
 def test_without_lowbit_ops_only_matmulnbits_is_emitted(monkeypatch):
