@@ -413,3 +413,42 @@ def test_isa_path(isa):
                            "-k", "not isa_path"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run_.returncode == 0, run_.stdout[-3000:] + run_.stderr[-2000:]
     assert " passed" in run_.stdout and " failed" not in run_.stdout
+
+
+# ------------------------------------------------------------------------------------ conv: stride-1 paths read
+# straight from the input planes (AVX-512: float depthwise 3×3 rows of 16-lane vectors plus a last ≤ 8 columns in
+# ymm; int8 stride-1 convs with OW = W through masked loads; a 1-channel int8 conv as a dense one)
+
+STRIDE1_CASES = [
+    # C, H, W, N, (kh, kw), pads, dilations, group, accuracy
+    (3, 5, 1, 3, (3, 3), (1, 1, 1, 1), (1, 1), 3, "float"),       # depthwise, W = 1
+    (2, 2, 8, 4, (3, 3), (1, 1, 1, 1), (1, 1), 2, "float"),       # depthwise ×2, H = 2, 8 columns (ymm only)
+    (4, 9, 24, 4, (3, 3), (0, 1, 2, 0), (1, 1), 4, "float"),      # depthwise, asymmetric pads, 16 + 8 columns
+    (3, 11, 17, 3, (3, 3), (0, 0, 0, 0), (1, 1), 3, "float"),     # depthwise, no padding
+    (2, 7, 70, 2, (3, 3), (2, 2, 2, 2), (1, 1), 2, "float"),      # depthwise, pads 2, 5 vectors a row
+    (2, 13, 56, 2, (3, 3), (1, 1, 1, 1), (1, 1), 2, "float"),     # depthwise 56 wide
+    (1, 8, 8, 16, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),       # 1 input channel
+    (16, 8, 8, 32, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),      # OW = W, 8×8
+    (16, 16, 20, 32, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),    # OW = W, enough work for several tasks
+    (5, 9, 13, 12, (5, 5), (2, 2, 2, 2), (1, 1), 1, "int8"),      # 5×5, OW = W
+    (4, 7, 10, 8, (3, 5), (0, 5, 2, 3), (1, 2), 2, "int8"),       # dilated, asymmetric pads, OW = W, groups
+    (3, 6, 9, 4, (3, 3), (1, 2, 1, 2), (1, 1), 1, "int8"),        # OW = 11 > W: the padded copy
+]
+
+
+@pytest.mark.parametrize("case", STRIDE1_CASES, ids=[f"s1_{i}" for i in range(len(STRIDE1_CASES))])
+def test_conv_stride1_planes_match_reference(case):
+    C, H, W_, N, kernel, pads, dilations, group, accuracy = case
+    rng = np.random.default_rng(700 + C * H + W_)
+    K = C // group * kernel[0] * kernel[1]
+    for fmt, block_size, threads in (("uniform", 16, 1), ("codebook", 32, 2)):
+        W, scales, zp, levels = weight(rng, N, K, bits=4, block_size=block_size, format=fmt)
+        bias = rng.normal(size=N).astype(np.float32)
+        X = rng.normal(size=(2, C, H, W_)).astype(np.float32)
+        attrs = dict(N=N, K=K, bits=4, block_size=block_size, format=fmt, accuracy=accuracy,
+                     kernel_shape=list(kernel), strides=[1, 1], pads=list(pads), dilations=list(dilations), group=group)
+        inputs = {"W": W, "scales": scales, "zero_points": zp, "levels": levels, "bias": bias}
+        y = run(model("ConvLowBit", X, inputs, attrs), {"X": X}, threads=threads)
+        ref = reference.conv_lowbit(X, W, scales, zp, levels, bias, **attrs)
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) <= (1e-5 if accuracy == "float" else 1e-4), (fmt, rel_err(y, ref))

@@ -4,22 +4,28 @@
 // int8 accuracy (the fast path): phase 1 quantizes the im2col matrix once per call into u8
 // (q + 128) in "quad" layout — per pixel tile, per group of 4 consecutive K columns, 16 pixels × 4
 // bytes per zmm — plus d = amax / 127 per pixel and block; phase 2 decodes a few weight rows
-// into an int8 panel (4-bit codes → w_int through a 16-byte pshufb table) and runs vpdpbusd
-// with each row's 4 weights broadcast:  Σ (q + 128)·w = Σ q·w + 128·Σ w, so every block's
-// integer accumulator starts at −128·wsum[n, b]. Per block: y += cvt(isum)·d[p]·(block scale).
+// into an int8 panel (4-bit codes → w_int through 16-byte pshufb tables, 64 columns a step) and
+// runs vpdpbusd with each row's 4 weights broadcast:  Σ (q + 128)·w = Σ q·w + 128·Σ w, so every
+// block's integer accumulator starts at −128·wsum[n, b]. Per block: y += cvt(isum)·d[p]·(block
+// scale). Stride-1 convs with OW = W (3×3 pad 1 and the like) read the im2col rows straight from
+// the input planes with masked loads (DirectRows): no padded copy, no virtual pixels. A conv too
+// small to share (< 2^20 multiply-adds) runs on the calling thread alone.
 //
 // float accuracy: per task the weight rows of a 256-column K chunk decoded to float (a 16-float
 // table per block through vpermps) and an FMA kernel accumulating into Y (virtual pixels: into
 // a buffer that Im2col::store compacts): conv_driver.h's conv_float over the traits Avx512.
 //
-// Depthwise (one input channel per group): direct 2-D convolution over the zero-padded channel
-// split into stride phases, one run of "virtual" pixels per plane (see conv_depthwise).
+// Depthwise (one input channel per group): float 3×3 stride 1 reads the planes directly, a few
+// output rows per pass (conv_depthwise3x3); the rest runs a direct 2-D convolution over the
+// zero-padded channel split into stride phases, one run of "virtual" pixels per plane (see
+// conv_depthwise). A 1-channel int8 conv goes to conv_int8, which quantizes once for all outputs.
 #include <immintrin.h>
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in GCC 12's AVX-512 headers (PR 105593)
 #endif
 
 #include <cstring>
+#include <functional>
 
 #include "conv_driver.h"
 
@@ -68,25 +74,51 @@ inline __m128i codes16(const uint8_t* blk, int bits, int64_t j0) {
   return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
 }
 
-// Row n's w_int for columns of block b into dst[0, bs): zero from the block's last real column.
-void decode_s8(const ConvWeight& cw, int64_t n, int64_t b, int8_t* dst) {
-  const int64_t bs = cw.w.block_size, i = n * cw.nblocks + b;
-  const int64_t kn = min64(bs, cw.w.K - b * bs);
-  const uint8_t* blk = cw.w.packed + i * cw.block_bytes;
-  __m128i lut;  // w_int of each code: the codebook's int8 table, or code − zero point
-  if (!cw.lut.empty()) {
-    alignas(16) int8_t t[16] = {};
-    std::memcpy(t, cw.lut.data() + (i << cw.w.bits), std::size_t{1} << cw.w.bits);
-    lut = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
-  } else {
-    const int zp = cw.w.zero_points ? cw.w.zero_points[i] : 1 << (cw.w.bits - 1);
-    lut = _mm_sub_epi8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                       _mm_set1_epi8(static_cast<char>(zp)));
+inline __mmask64 lanes64(int64_t n) {
+  return n >= 64 ? ~__mmask64{0} : n <= 0 ? __mmask64{0} : (__mmask64{1} << n) - 1;
+}
+
+// Row n's w_int for columns [0, nblocks·bs) into dst (block b at b·bs), 0 from column K on, 64
+// columns per step: codes one per byte, then each 16-column lane through its block's table
+// (pshufb): the codebook's int8 table or code − zero point.
+void decode_row_s8(const ConvWeight& cw, int64_t n, int8_t* dst) {
+  const int64_t bs = cw.w.block_size, nb = cw.nblocks, cols = nb * bs, K = cw.w.K;
+  const int bits = cw.w.bits;
+  const uint8_t* row = cw.w.packed + n * nb * cw.block_bytes;
+  auto table = [&](int64_t b) {
+    const int64_t i = n * nb + b;
+    if (!cw.lut.empty())
+      return _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (1 << bits)) - 1), cw.lut.data() + (i << bits));
+    const int zp = cw.w.zero_points ? cw.w.zero_points[i] : 1 << (bits - 1);
+    return _mm_sub_epi8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        _mm_set1_epi8(static_cast<char>(zp)));
+  };
+  const bool one_table = cw.lut.empty() && !cw.w.zero_points;
+  __m512i t4 = _mm512_broadcast_i32x4(table(0));
+  for (int64_t j = 0; j < cols; j += 64) {
+    __m512i c;  // codes j … j+63
+    if (bits == 4) {  // byte = two codes, low nibble first
+      const __m512i w = _mm512_cvtepu8_epi16(
+          _mm256_maskz_loadu_epi8(static_cast<__mmask32>(lanes64((cols - j) / 2)), row + j / 2));
+      c = _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi16(15)),
+                          _mm512_slli_epi16(_mm512_srli_epi16(w, 4), 8));
+    } else {  // byte = four codes, low bits first
+      const __m512i w = _mm512_cvtepu8_epi32(
+          _mm_maskz_loadu_epi8(static_cast<__mmask16>(lanes64((cols - j) / 4)), row + j / 4));
+      c = _mm512_and_si512(_mm512_or_si512(_mm512_or_si512(w, _mm512_slli_epi32(w, 6)),
+                                           _mm512_or_si512(_mm512_slli_epi32(w, 12), _mm512_slli_epi32(w, 18))),
+                           _mm512_set1_epi32(0x03030303));
+    }
+    if (!one_table) {
+      const int64_t b0 = j / bs, last = nb - 1;
+      t4 = _mm512_castsi128_si512(table(b0));
+      t4 = _mm512_inserti32x4(t4, table(min64((j + 16) / bs, last)), 1);
+      t4 = _mm512_inserti32x4(t4, table(min64((j + 32) / bs, last)), 2);
+      t4 = _mm512_inserti32x4(t4, table(min64((j + 48) / bs, last)), 3);
+    }
+    _mm512_mask_storeu_epi8(dst + j, lanes64(cols - j),
+                            _mm512_maskz_shuffle_epi8(lanes64(K - j), t4, c));
   }
-  for (int64_t j = 0; j < kn; j += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm_shuffle_epi8(lut, codes16(blk, cw.w.bits, j)));
-  for (int64_t j = kn; j < cdiv(kn, 16) * 16; ++j) dst[j] = 0;
 }
 
 // Row n's Ŵ for columns [0, j1) of block b into dst.
@@ -119,21 +151,91 @@ struct Int8Plan {
   int64_t tile_bytes() const { return act_bytes() + nb * tv * kL * 4; }
 };
 
-// Phase 1: quantize pixel tile t of the im2col matrix into the plan's layout.
-void quantize_tile(const Int8Plan& pl, const Im2col& m, int64_t t, uint8_t* tile) {
+// Stride-1 convs whose output is as wide as the input (OW = W, e.g. 3×3 pad 1; not 1×1) read
+// the input planes themselves, no padded copy: row k = (c, ky, kx) of output pixel
+// p = oh·W + ow is X[c, oh + ky·dh − pt, ow + kx·dw − pl], i.e. plane c at p + off[ky·kw + kx]
+// with off = (ky·dh − pt)·W + kx·dw − pl, where that (row, column) is inside the plane; masked
+// loads (a mask per pixel vector and tap) read the rest as 0. Pixels are the real ones (no
+// virtual pixels to compute and drop).
+struct DirectRows {
+  const float* x = nullptr;  // the group's first input channel
+  int64_t hw = 0, taps = 0;  // plane size, kh·kw
+  const int64_t* off = nullptr;  // [taps]
+};
+
+// The masks of a pixel tile: mk[v·taps + t] for pixel vector v < tv, lanes of pixels < P only.
+void direct_masks(const ConvShape& s, int64_t p0, int64_t tv, __mmask16* mk) {
+  const int64_t P = s.OH * s.OW, taps = s.kh * s.kw;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t v = 0; v < tv; ++v) {
+    const int64_t q0 = p0 + v * kL;
+    const __m512i p = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(q0)), iota);
+    // oh = p / OW exactly: p < 2^23, so p + 0.5 is a float and (p + 0.5) / OW, at least 0.5 / OW
+    // from an integer, is never rounded onto one
+    const __m512i oh = _mm512_cvttps_epi32(_mm512_div_ps(
+        _mm512_add_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(0.5f)), _mm512_set1_ps(static_cast<float>(s.OW))));
+    const __m512i ow = _mm512_sub_epi32(p, _mm512_mullo_epi32(oh, _mm512_set1_epi32(static_cast<int>(s.OW))));
+    const __mmask16 real = lanes(P - q0);
+    __mmask16 rows[16], cols[16];  // kh, kw ≤ 16 (else per tap below)
+    const bool small = s.kh <= 16 && s.kw <= 16;
+    auto row_ok = [&](int64_t ky) {  // 0 ≤ oh + ky·dh − pt < H (unsigned compare)
+      return _mm512_cmplt_epu32_mask(
+          _mm512_add_epi32(oh, _mm512_set1_epi32(static_cast<int>(ky * s.dilation_h - s.pad_top))),
+          _mm512_set1_epi32(static_cast<int>(s.H)));
+    };
+    auto col_ok = [&](int64_t kx) {
+      return _mm512_cmplt_epu32_mask(
+          _mm512_add_epi32(ow, _mm512_set1_epi32(static_cast<int>(kx * s.dilation_w - s.pad_left))),
+          _mm512_set1_epi32(static_cast<int>(s.W)));
+    };
+    if (small) {
+      for (int64_t ky = 0; ky < s.kh; ++ky) rows[ky] = row_ok(ky) & real;
+      for (int64_t kx = 0; kx < s.kw; ++kx) cols[kx] = col_ok(kx);
+    }
+    for (int64_t ky = 0, t = 0; ky < s.kh; ++ky)
+      for (int64_t kx = 0; kx < s.kw; ++kx, ++t)
+        mk[v * taps + t] = small ? rows[ky] & cols[kx] : row_ok(ky) & col_ok(kx) & real;
+  }
+}
+
+// Phase 1: quantize pixel tile t of the im2col matrix into the plan's layout, its rows read from
+// the Im2col view or (DIRECT) straight from the planes.
+template <bool DIRECT>
+void quantize_tile_from(const Int8Plan& pl, const Im2col& m, const DirectRows& dr, int64_t t,
+                        uint8_t* tile) {
   const int64_t p0 = t * pl.tv * kL, np = pl.tv * kL;
-  float* buf = scratch_of<float>(1, pl.bs * np);
+  float* buf = DIRECT ? nullptr : scratch_of<float>(1, pl.bs * np);
+  __mmask16* mk = DIRECT ? scratch_of<__mmask16>(3, pl.tv * dr.taps) : nullptr;
+  if (DIRECT) direct_masks(*m.s, p0, pl.tv, mk);
   float* d = reinterpret_cast<float*>(tile + pl.act_bytes());
   const float* r[256];
+  const __mmask16* rm[256];  // DIRECT: row i's masks, one per pixel vector (stride taps)
   const __m512i order = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+  int64_t c = 0, tp = 0;  // DIRECT: channel and tap of row k0
   for (int64_t b = 0; b < pl.nb; ++b) {
     const int64_t k0 = b * pl.bs, kn = min64(pl.bs, pl.K - k0), nq = cdiv(kn, 4);
-    m.rows(k0, kn, p0, np, r, buf);
+    if (DIRECT) {
+      for (int64_t i = 0; i < kn; ++i) {
+        r[i] = dr.x + c * dr.hw + dr.off[tp] + p0;  // may point outside the plane: masked lanes only
+        rm[i] = mk + tp;
+        if (++tp == dr.taps) tp = 0, ++c;
+      }
+    } else {
+      m.rows(k0, kn, p0, np, r, buf);
+    }
+    auto load = [&](int64_t i, int64_t v) {
+      return DIRECT ? _mm512_maskz_loadu_ps(rm[i][v * dr.taps], r[i] + v * kL)
+                    : _mm512_loadu_ps(r[i] + v * kL);
+    };
     uint8_t* out = tile + b * pl.qb * pl.tv * 64;
     for (int64_t v = 0; v < pl.tv; ++v) {
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t i = 0; i < kn; ++i)
-        amax = _mm512_range_ps(amax, _mm512_loadu_ps(r[i] + v * kL), 0x0B);  // max |·|
+      __m512 am[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t i = 0;
+      for (; i + 4 <= kn; i += 4)  // four chains: vrangeps' latency
+        LB_UNROLL
+        for (int j = 0; j < 4; ++j) am[j] = _mm512_range_ps(am[j], load(i + j, v), 0x0B);  // max |·|
+      for (; i < kn; ++i) am[0] = _mm512_range_ps(am[0], load(i, v), 0x0B);
+      const __m512 amax = _mm512_max_ps(_mm512_max_ps(am[0], am[1]), _mm512_max_ps(am[2], am[3]));
       const __mmask16 nz = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ);
       const __m512 inv = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.f), amax);
       _mm512_storeu_ps(d + (b * pl.tv + v) * kL, _mm512_div_ps(amax, _mm512_set1_ps(127.f)));
@@ -142,8 +244,7 @@ void quantize_tile(const Int8Plan& pl, const Im2col& m, int64_t t, uint8_t* tile
         LB_UNROLL
         for (int j = 0; j < 4; ++j) {
           const int64_t i = 4 * q + j;
-          qi[j] = i < kn ? _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r[i] + v * kL), inv))
-                         : _mm512_setzero_si512();
+          qi[j] = i < kn ? _mm512_cvtps_epi32(_mm512_mul_ps(load(i, v), inv)) : _mm512_setzero_si512();
         }
         // bytes per 128-bit lane: q0[0..3] q1[0..3] q2[0..3] q3[0..3] → pixel-major quads
         const __m512i b8 = _mm512_packs_epi16(_mm512_packs_epi32(qi[0], qi[1]),
@@ -154,6 +255,12 @@ void quantize_tile(const Int8Plan& pl, const Im2col& m, int64_t t, uint8_t* tile
       }
     }
   }
+}
+
+void quantize_tile(const Int8Plan& pl, const Im2col& m, const DirectRows& dr, int64_t t,
+                   uint8_t* tile) {
+  if (dr.x) return quantize_tile_from<true>(pl, m, dr, t, tile);
+  quantize_tile_from<false>(pl, m, dr, t, tile);
 }
 
 // Where gemm_i8 writes: y[r·ystride + 16v + lane] (lanes < valid) when wq = 0; else (wq ≥ 16)
@@ -245,28 +352,53 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
   pl.qlast = cdiv(pl.K - (pl.nb - 1) * pl.bs, 4);
   pl.quads = pl.nb * pl.qb;
   const int64_t tvmax = 2 * kPV;
+  // stride 1 with OW = W (not 1×1): rows read from the planes (DirectRows), real pixels only
+  const bool direct = s.stride_h == 1 && s.stride_w == 1 && s.OW == s.W && !is_pointwise(s) &&
+                      P < (1 << 23) && s.H * s.W < (int64_t{1} << 30);
+  int64_t* off = direct ? scratch_of<int64_t>(6, s.kh * s.kw) : nullptr;
+  if (direct)
+    for (int64_t ky = 0, t = 0; ky < s.kh; ++ky)
+      for (int64_t kx = 0; kx < s.kw; ++kx, ++t)
+        off[t] = (ky * s.dilation_h - s.pad_top) * s.W + kx * s.dilation_w - s.pad_left;
+  // a small conv (≲ 5 µs on one core) runs as one task on the calling thread: waking another
+  // thread costs about as much
+  const bool one_task = P * Ng * pl.K < (int64_t{1} << 20);
+  auto run = [&](std::size_t n, const std::function<void(std::size_t)>& fn) {
+    if (one_task) {
+      for (std::size_t i = 0; i < n; ++i) fn(i);
+    } else {
+      parallel(n, fn);
+    }
+  };
   for (int64_t img = 0; img < s.batch; ++img)
     for (int64_t g = 0; g < s.group; ++g) {
-      const Im2col m = make_im2col(s, X + (img * s.C + g * Cg) * s.H * s.W, tvmax * kL);
+      const float* xg = X + (img * s.C + g * Cg) * s.H * s.W;
+      Im2col m;
+      DirectRows dr;
+      if (direct) {
+        m.s = &s, m.x = xg, m.P = m.cols = P;
+        dr = {xg, s.H * s.W, s.kh * s.kw, off};
+      } else {
+        m = make_im2col(s, xg, tvmax * kL);
+      }
       pl.cols = m.cols;
       const int64_t nv = cdiv(pl.cols, kL);
       pl.tv = min64(nv, tvmax);
       pl.ntiles = cdiv(nv, pl.tv);
       uint8_t* act = scratch_of<uint8_t>(0, pl.ntiles * pl.tile_bytes());
       // one n chunk: each task quantizes its own tiles; else all tiles first (a second call)
-      const Split sp(Ng, pl.ntiles, kNR, Ng);
+      Split sp(Ng, pl.ntiles, kNR, Ng);
+      if (one_task) sp.nc = Ng, sp.nchunks = 1, sp.tpt = pl.ntiles, sp.tgroups = 1;
       const bool fused = sp.nchunks == 1;
       if (!fused)
-        parallel(pl.ntiles, [&](std::size_t t) {
-          quantize_tile(pl, m, t, act + t * pl.tile_bytes());
+        run(pl.ntiles, [&](std::size_t t) {
+          quantize_tile(pl, m, dr, t, act + t * pl.tile_bytes());
         });
-      parallel(sp.nchunks * sp.tgroups, [&](std::size_t task) {
+      run(sp.nchunks * sp.tgroups, [&](std::size_t task) {
         const int64_t n0 = g * Ng + (task / sp.tgroups) * sp.nc;
         const int64_t rows = min64(sp.nc, (g + 1) * Ng - n0);
         int8_t* panel = scratch_of<int8_t>(2, rows * pl.nb * pl.bs);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t b = 0; b < pl.nb; ++b)
-            decode_s8(cw, n0 + r, b, panel + (r * pl.nb + b) * pl.bs);
+        for (int64_t r = 0; r < rows; ++r) decode_row_s8(cw, n0 + r, panel + r * pl.nb * pl.bs);
         // virtual pixels: scattered straight into Y (wq ≥ 16) or through ybuf and store()
         const bool scatter = m.virtual_pixels() && m.wp >= kL;
         float* ybuf =
@@ -276,7 +408,7 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
         for (int64_t t = t0; t < min64(pl.ntiles, t0 + sp.tpt); ++t) {
           const int64_t p0 = t * pl.tv * kL, np = min64(pl.tv * kL, pl.cols - p0);
           uint8_t* tile = act + t * pl.tile_bytes();
-          if (fused) quantize_tile(pl, m, t, tile);
+          if (fused) quantize_tile(pl, m, dr, t, tile);
           float* y = ybuf ? ybuf : scatter ? yn0 : yn0 + p0;
           const int64_t ystride = ybuf ? pl.tv * kL : P;
           for_kernels<kNR, kPV, kL>(rows, np, [&](int64_t r, int nr, int64_t v, int pv) {
@@ -395,37 +527,106 @@ void dw_float9(const float* base, const int32_t* off, const float* wk, int64_t n
   }
 }
 
-// A 3×3 float run (stride 1, dilation 1) over rows padded to whole vectors (wq % 16 = 0): per
-// kernel row one aligned load per vector, the taps kx = 1, 2 shifted in with valignd — no loads
-// split across cache lines.
-void dw_float3x3(const float* base, int64_t wq, const float* wk, int64_t nvec, float bias,
-                 const VirtualOut& out) {
-  __m512 wv[9];
+// Float 3×3, stride 1, dilation 1 (any pads): straight from the NCHW plane, no padded copy.
+// Vectors run along an output row; a pass computes R output rows × NV column vectors and reads
+// its R + 2 input rows once each, at the three column shifts kx = 0, 1, 2 (masked loads: lanes in
+// the padding or past the row read nothing and add nothing), each loaded vector feeding the up to
+// three output rows it belongs to. Every output sums its taps in the order t = 0 … 8 from the
+// bias, as dw_float9 does. A last column vector of ≤ 8 lanes runs in ymm (half the FMA cost).
+struct Dw3Col {
+  int64_t c0;       // first output column of the vector (16u)
+  int64_t src;      // input column of tap kx = 0 for lane 0: c0 − pad_left
+  __mmask16 ld[3];  // lanes whose input column of tap kx lies in [0, W) and output column < OW
+  __mmask16 st;     // lanes < OW − c0
+};
+
+// 16 lanes (zmm) or 8 (ymm, for a row's last ≤ 8 columns)
+struct Zmm {
+  using V = __m512;
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+struct Ymm {
+  using V = __m256;
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V load(__mmask16 m, const float* p) { return _mm256_maskz_loadu_ps(static_cast<__mmask8>(m), p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, __mmask16 m, V v) { _mm256_mask_storeu_ps(p, static_cast<__mmask8>(m), v); }
+};
+
+template <class T, int NV, int R>
+void dw3x3_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const Dw3Col* col,
+                const float* wk, float bias, float* y, int64_t OW) {
+  using V = typename T::V;
+  V acc[R][NV];
   LB_UNROLL
-  for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(wk[t]);
-  int64_t oh = 0, ow0 = 0;
-  for (int64_t v = 0; v < nvec; v += kDV) {
-    __m512 acc[kDV];
+  for (int r = 0; r < R; ++r)
     LB_UNROLL
-    for (int u = 0; u < kDV; ++u) acc[u] = _mm512_set1_ps(bias);
+    for (int u = 0; u < NV; ++u) acc[r][u] = T::set1(bias);
+  V wv[9];
+  LB_UNROLL
+  for (int t = 0; t < 9; ++t) wv[t] = T::set1(wk[t]);
+  __mmask16 ld[NV][3];  // kept in registers across the rows
+  LB_UNROLL
+  for (int u = 0; u < NV; ++u)
     LB_UNROLL
-    for (int ky = 0; ky < 3; ++ky) {
-      const float* r = base + ky * wq + v * kL;
-      __m512 l[kDV + 1];
+    for (int kx = 0; kx < 3; ++kx) ld[u][kx] = col[u].ld[kx];
+  LB_UNROLL
+  for (int j = 0; j < R + 2; ++j) {  // input row ih0 + j feeds output rows j − 2 … j
+    const int64_t ih = ih0 + j;
+    if (ih < 0 || ih >= H) continue;
+    const float* xr = x + ih * W + col[0].src;
+    LB_UNROLL
+    for (int u = 0; u < NV; ++u) {
+      V l[3];
       LB_UNROLL
-      for (int u = 0; u <= kDV; ++u) l[u] = _mm512_load_ps(r + u * kL);
+      for (int kx = 0; kx < 3; ++kx) l[kx] = T::load(ld[u][kx], xr + u * kL + kx);
       LB_UNROLL
-      for (int u = 0; u < kDV; ++u) {
-        const __m512i a = _mm512_castps_si512(l[u]), b = _mm512_castps_si512(l[u + 1]);
-        acc[u] = _mm512_fmadd_ps(wv[3 * ky], l[u], acc[u]);
-        acc[u] = _mm512_fmadd_ps(wv[3 * ky + 1], _mm512_castsi512_ps(_mm512_alignr_epi32(b, a, 1)), acc[u]);
-        acc[u] = _mm512_fmadd_ps(wv[3 * ky + 2], _mm512_castsi512_ps(_mm512_alignr_epi32(b, a, 2)), acc[u]);
+      for (int ky = 2; ky >= 0; --ky) {
+        const int r = j - ky;
+        if (r < 0 || r >= R) continue;
+        LB_UNROLL
+        for (int kx = 0; kx < 3; ++kx) acc[r][u] = T::fma(wv[3 * ky + kx], l[kx], acc[r][u]);
       }
     }
-    LB_UNROLL
-    for (int u = 0; u < kDV; ++u)
-      if (v + u < nvec) out.store(v + u, oh, ow0, acc[u]);
   }
+  LB_UNROLL
+  for (int r = 0; r < R; ++r)
+    LB_UNROLL
+    for (int u = 0; u < NV; ++u) T::store(y + r * OW + col[0].c0 + u * kL, col[u].st, acc[r][u]);
+}
+
+using Dw3Pass = void (*)(const float*, int64_t, int64_t, int64_t, const Dw3Col*, const float*,
+                         float, float*, int64_t);
+constexpr int kDw3V = 4, kDw3R = 8;  // up to 4 column vectors × 8 rows per pass
+constexpr auto kDw3 = kernel_table<Dw3Pass, kDw3V, kDw3R>(
+    [](auto v, auto r) -> Dw3Pass { return dw3x3_pass<Zmm, decltype(v)::value, decltype(r)::value>; });
+constexpr auto kDw3Half = kernel_table<Dw3Pass, 1, kDw3R>(
+    [](auto v, auto r) -> Dw3Pass { return dw3x3_pass<Ymm, decltype(v)::value, decltype(r)::value>; });
+// most rows per pass for NV column vectors: R·NV accumulators + 9 weights + 3 loads in 32 zmm
+constexpr int kDw3Rows[kDw3V] = {8, 6, 4, 4};
+
+// Output plane y (OH × OW) of input plane x (H × W) with the 9 taps wk: column groups of ≤ 4
+// vectors (the last ≤ 8 columns on their own in ymm), rows in passes of equal size.
+void dw3x3_plane(const ConvShape& s, const float* x, const Dw3Col* col, int64_t nvr,
+                 const float* wk, float bias, float* y) {
+  // passes of R ≤ rmax rows, all of one size: the last may overlap the one before
+  auto rows = [&](int64_t rmax, const Dw3Pass* by_rows, const Dw3Col* c) {
+    const int R = static_cast<int>(cdiv(s.OH, cdiv(s.OH, rmax)));
+    for (int64_t oh0 = 0; oh0 < s.OH; oh0 += R) {
+      const int64_t oh = min64(oh0, s.OH - R);
+      by_rows[R - 1](x, s.H, s.W, oh - s.pad_top, c, wk, bias, y + oh * s.OW, s.OW);
+    }
+  };
+  const bool half = s.OW - (nvr - 1) * kL <= 8;
+  const int64_t full = nvr - half;
+  for (int64_t u0 = 0; u0 < full; u0 += kDw3V) {
+    const int nv = static_cast<int>(min64(kDw3V, full - u0));
+    rows(kDw3Rows[nv - 1], kDw3.row[nv - 1].fn, col + u0);
+  }
+  if (half) rows(kDw3R, kDw3Half.row[0].fn, col + full);
 }
 
 // Vectors v0 … v0+V−1 of a run into out (any kernel size): float Σ_t Ŵ_t·x_t; int8 per pixel
@@ -501,16 +702,41 @@ void split_row(const float* xr, int64_t W, int64_t pl, int64_t sw, int64_t plane
   }
 }
 
+// Float 3×3 stride 1 dilation 1 (K = 9, one block): dw3x3_plane per output channel, no copies.
+// Tasks take runs of whole planes, only as many as there is work for (~50k FMAs each at least).
+void conv_depthwise3x3(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+                       float* Y, const ParallelFor& parallel) {
+  const int64_t Ng = s.N / s.group, P = s.OH * s.OW, planes = s.batch * s.N, nvr = cdiv(s.OW, kL);
+  const int64_t tasks = min64(min64(planes, 16), 1 + planes * P * 9 / 50000);
+  const int64_t per = cdiv(planes, tasks);
+  Dw3Col* col = scratch_of<Dw3Col>(0, nvr);  // the caller's slot, read by every task
+  for (int64_t u = 0; u < nvr; ++u) {
+    Dw3Col& c = col[u];
+    c.c0 = u * kL;
+    c.src = c.c0 - s.pad_left;
+    c.st = lanes(s.OW - c.c0);
+    for (int kx = 0; kx < 3; ++kx) {  // lane i reads input column src + kx + i
+      const int64_t first = c.src + kx;
+      c.ld[kx] = c.st & lanes(s.W - first) & static_cast<__mmask16>(~lanes(-first));
+    }
+  }
+  parallel(cdiv(planes, per), [&](std::size_t task) {
+    alignas(64) float wk[16];
+    for (int64_t pi = task * per; pi < min64(planes, (task + 1) * per); ++pi) {
+      const int64_t img = pi / s.N, n = pi % s.N;
+      decode_f32(cw, n, 0, 9, wk);
+      dw3x3_plane(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
+                  Y + pi * P);
+    }
+  });
+}
+
 void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
                     float* Y, const ParallelFor& parallel) {
   const int64_t K = cw.w.K, bs = cw.w.block_size, nb = cw.nblocks, Ng = s.N / s.group;
   const int64_t sh = s.stride_h, sw = s.stride_w;
-  // 3×3, stride 1, dilation 1 float: rows padded to whole vectors for dw_float3x3
-  const bool aligned = cw.accuracy == Accuracy::Float && s.kh == 3 && s.kw == 3 && sh == 1 &&
-                       sw == 1 && s.dilation_h == 1 && s.dilation_w == 1;
   const int64_t hq = cdiv(s.H + s.pad_top + s.pad_bottom, sh);
-  const int64_t wp = cdiv(s.W + s.pad_left + s.pad_right, sw);
-  const int64_t wq = aligned ? cdiv(wp, kL) * kL : wp, plane = hq * wq;
+  const int64_t wq = cdiv(s.W + s.pad_left + s.pad_right, sw), plane = hq * wq;
   const int64_t run = s.OH * wq, nvec = cdiv(run, kL);
   const int64_t P = s.OH * s.OW, planes = s.batch * s.group;
   const int64_t tasks = min64(planes, 8), per = cdiv(planes, tasks);
@@ -540,8 +766,8 @@ void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, co
         const float b0 = bias ? bias[n] : 0.f;
         float* y = Y + (img * s.N + n) * P;
         const VirtualOut vo{y, out, wq, s.OW, run};
-        if (aligned || (!int8 && K == 9)) {
-          aligned ? dw_float3x3(pad, wq, wk, nvec, b0, vo) : dw_float9(pad, off, wk, nvec, b0, vo);
+        if (!int8 && K == 9) {
+          dw_float9(pad, off, wk, nvec, b0, vo);
           if (vo.direct()) continue;
         } else {
           const float* qs = int8 ? cw.block_scales() + n * nb : nullptr;
@@ -558,7 +784,14 @@ void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, co
 
 void conv_avx512(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
                  float* Y, const ParallelFor& parallel) {
-  if (s.C == s.group) return conv_depthwise(cw, s, X, bias, Y, parallel);
+  // a 1-channel input (group 1) is also "depthwise"; in int8 conv_int8 quantizes its windows once
+  // for all output channels instead of once per channel
+  if (s.C == s.group && !(cw.accuracy == Accuracy::Int8 && s.group == 1)) {
+    if (cw.accuracy == Accuracy::Float && s.kh == 3 && s.kw == 3 && s.stride_h == 1 &&
+        s.stride_w == 1 && s.dilation_h == 1 && s.dilation_w == 1)
+      return conv_depthwise3x3(cw, s, X, bias, Y, parallel);
+    return conv_depthwise(cw, s, X, bias, Y, parallel);
+  }
   if (cw.accuracy == Accuracy::Int8) return conv_int8(cw, s, X, bias, Y, parallel);
   conv_float<Avx512>(cw, s, X, bias, Y, parallel);
 }

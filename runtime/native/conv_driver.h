@@ -105,15 +105,18 @@ constexpr KernelTable<Fn, NR, PV> kernel_table(Make make) {
   return kernel_rows<Fn, NR, PV>(make, std::make_integer_sequence<int, NR>());
 }
 
-// fn(i, nr, v, pv) over a task's kernel calls: rows [0, rows) NR at a time × the vectors of
-// `valid` pixels (L per vector) PV at a time, the last ones smaller.
+// fn(i, nr, v, pv) over a task's kernel calls: rows [0, rows) NR at a time (the last fewer) ×
+// the vectors of `valid` pixels (L per vector) in as few groups of ≤ PV as there can be, of
+// sizes differing by at most one (4 vectors with PV = 3: 2 + 2, not 3 + 1).
 template <int NR, int PV, int64_t L, class Fn>
 inline void for_kernels(int64_t rows, int64_t valid, Fn&& fn) {
+  const int64_t nv = cdiv(valid, L), groups = cdiv(nv, PV);
   for (int64_t i = 0; i < rows; i += NR) {
     const int nr = static_cast<int>(min64(NR, rows - i));
-    for (int64_t v = 0; v * L < valid; v += PV) {
-      const int pv = static_cast<int>(min64(PV, cdiv(valid, L) - v));
+    for (int64_t gi = 0, v = 0; gi < groups; ++gi) {
+      const int pv = static_cast<int>((nv - v) / (groups - gi));  // the rest split evenly
       fn(i, nr, v, pv);
+      v += pv;
     }
   }
 }

@@ -169,6 +169,24 @@ bool check_conv(Pool& pool) {
       make_shape(1, 64, 20, 21, 48, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1),
       make_shape(1, 4, 9, 7, 6, 1, 1, 2, 1, 1, 0, 0, 0, 0, 1, 1),       // K = 2
       make_shape(1, 12, 19, 40, 10, 1, 1, 1, 2, 2, 0, 0, 0, 0, 1, 1),   // 1×1 stride 2
+      // depthwise 3×3 stride 1 (AVX-512 float: read from the planes, rows of 16-lane vectors and
+      // a last ≤ 8 columns in ymm): widths around 8, 16, 64, pads 0 … 2, asymmetric
+      make_shape(1, 3, 5, 1, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),       // depthwise W = 1
+      make_shape(1, 3, 2, 8, 6, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),       // depthwise H = 2, ×2
+      make_shape(2, 5, 11, 17, 5, 3, 3, 5, 1, 1, 0, 0, 0, 0, 1, 1),     // depthwise no pad
+      make_shape(1, 4, 9, 24, 4, 3, 3, 4, 1, 1, 0, 1, 2, 0, 1, 1),      // depthwise 16 + 8 cols
+      make_shape(1, 3, 12, 56, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),     // depthwise 56
+      make_shape(1, 2, 7, 70, 4, 3, 3, 2, 1, 1, 2, 2, 2, 2, 1, 1),      // depthwise pad 2, 5 vectors
+      make_shape(1, 2, 6, 131, 2, 3, 3, 2, 1, 1, 1, 0, 1, 2, 1, 1),     // depthwise 9 vectors
+      // stride-1 dense convs read from the planes (AVX-512 int8)
+      make_shape(1, 1, 8, 8, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1),      // 1 channel (group 1)
+      make_shape(2, 5, 9, 13, 12, 5, 5, 1, 1, 1, 2, 2, 2, 2, 1, 1),     // 5×5
+      make_shape(1, 6, 7, 11, 8, 3, 3, 2, 1, 1, 0, 2, 1, 0, 1, 1),      // asymmetric pads, groups
+      make_shape(1, 2, 5, 20, 4, 1, 17, 1, 1, 1, 0, 8, 0, 8, 1, 1),     // 1×17
+      make_shape(1, 16, 4, 4, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1),     // 4×4
+      make_shape(1, 32, 6, 6, 3, 3, 3, 1, 1, 1, 1, 0, 1, 0, 2, 2),      // dilated, OW = 2 < W
+      make_shape(1, 3, 6, 9, 4, 3, 3, 1, 1, 1, 1, 2, 1, 2, 1, 1),       // OW = 11 > W
+      make_shape(1, 4, 7, 10, 8, 3, 5, 2, 1, 1, 0, 5, 2, 3, 1, 2),      // 3×5 dilated, OW = W
   };
   const auto ps = paths();
   std::vector<double> worst(ps.size() * 4, 0.0);
