@@ -201,6 +201,17 @@ def base_params(Wg: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     return s0, z
 
 
+def half_rounded(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to the nearest float16 value (ties to even) where |x| lies in float16's
+    normal range [2^-14, 65504], unchanged elsewhere — the rule of ``Grid.half_scales`` and of
+    MatMulLowBit/ConvLowBit's int8 codebook scales (runtime/ops.py)."""
+    x = np.asarray(x, dtype=np.float32)
+    half = np.finfo(np.float16)
+    magnitude = np.abs(x)
+    in_range = (magnitude >= half.tiny) & (magnitude <= half.max)
+    return np.where(in_range, x.astype(np.float16).astype(np.float32), x)
+
+
 def _as_scale(s0: np.ndarray, clip, grid: Grid) -> np.ndarray:
     clip = np.asarray(clip, dtype=np.float64)
     if np.any(~np.isfinite(clip)) or np.any(clip <= 0) or np.any(clip > 1):
@@ -208,11 +219,7 @@ def _as_scale(s0: np.ndarray, clip, grid: Grid) -> np.ndarray:
     scale = (s0 * clip).astype(np.float32)
     # a ratio that underflows float32 would give a zero scale; keep the smallest normal instead
     scale = np.maximum(scale, np.finfo(np.float32).tiny)
-    if grid.half_scales:
-        half = np.finfo(np.float16)
-        in_range = (scale >= half.tiny) & (scale <= half.max)
-        scale = np.where(in_range, scale.astype(np.float16).astype(np.float32), scale)
-    return scale
+    return half_rounded(scale) if grid.half_scales else scale
 
 
 def fit_scales(W, groups, grid: Grid, *, clip=1.0, per_tensor: bool = False, name: str = "weight"):

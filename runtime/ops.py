@@ -36,8 +36,11 @@ Decoded weight (the reference's exact float32 arithmetic)::
 
   with integer weights ``w_int = code − zero_point`` (uniform: exact) or, for a codebook,
   ``w_int = rint(levels[n, b, code] · 127 / lmax)`` and the block's scale multiplied by
-  ``lmax / 127``, lmax = max |levels[n, b, :]| (one int8 table per block). ``rint`` rounds half to
-  even. This is what onnxruntime's MatMulNBits does at accuracy_level 4, and what VNNI runs fast.
+  ``lmax / 127`` and rounded to the nearest float16 value when it lies in float16's normal range
+  [2^-14, 65504] (a relative change ≤ 2^-11, far below the table's own rounding; the kernels then
+  keep it in 2 bytes), lmax = max |levels[n, b, :]| (one int8 table per block). ``rint`` rounds
+  half to even. This is what onnxruntime's MatMulNBits does at accuracy_level 4, and what VNNI
+  runs fast.
 
 MatMulLowBit
 ------------

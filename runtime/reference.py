@@ -8,7 +8,8 @@ Everything here follows :mod:`lowbit.runtime.ops` to the letter, in float32:
 * ``accuracy="float"``: y = A·Ŵᵀ in float32;
 * ``accuracy="int8"``: per row of A and block b, amax = max |a_k|, q = rint(a·(127/amax))
   (float32, ties to even; q = 0 when amax = 0), y = Σ_b (amax/127)·s'[n, b]·Σ_k q_k·w_int[n, k]
-  with w_int = code − zp (uniform) or rint(levels·127/lmax) and s' = scales·lmax/127 (codebook);
+  with w_int = code − zp (uniform) or rint(levels·127/lmax) and s' = scales·lmax/127 rounded to
+  float16 (codebook; ``lowbit.quant.grid.half_rounded``);
   the integer sums are exact (|q·w| ≤ 127², at most 256 terms: < 2^24, exact in float32);
 * ConvLowBit = im2col (column order c·kh·kw + ky·kw + kx, per group) then the MatMulLowBit
   arithmetic on each patch row; Hadamard = the fast Walsh–Hadamard butterflies per group, rows
@@ -47,6 +48,7 @@ import sys
 
 import numpy as np
 
+from lowbit.quant.grid import half_rounded
 from lowbit.runtime import ops
 
 _F32 = np.float32
@@ -189,7 +191,7 @@ def _int8_weight(W, scales, zero_points, levels, K, bits, block_size, format):
         table = np.rint(levels * (_F32(127) / safe)[:, :, None]).astype(_F32)
         table[lmax == 0] = 0
         w = table[np.arange(n)[:, None], b[None, :], codes]
-        s = (scales * (lmax / _F32(127))).astype(_F32)
+        s = half_rounded((scales * (lmax / _F32(127))).astype(_F32))
     else:
         zp = _zero_points(zero_points, scales.shape, bits)
         w = codes.astype(_F32) - zp[:, b].astype(_F32)

@@ -16,6 +16,17 @@
 
 namespace lowbit {
 
+float round_to_half(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  if (mag < 0x38800000u || mag > 0x477FE000u) return x;  // outside [2^-14, 65504], NaN included
+  u += 0x0FFFu + ((u >> 13) & 1u);                       // to nearest, ties to even, at 10 mantissa bits
+  u &= ~0x1FFFu;
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+}
+
 ParallelFor serial() {
   return [](std::size_t n, const std::function<void(std::size_t)>& fn) {
     for (std::size_t i = 0; i < n; ++i) fn(i);

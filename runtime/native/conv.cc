@@ -34,7 +34,7 @@ std::unique_ptr<PackedWeight> prepack_conv(const LowBitWeight& w, Accuracy accur
         for (int c = 0; c < ncodes; ++c) lmax = std::max(lmax, std::fabs(lv[c]));
         for (int c = 0; c < ncodes; ++c)  // rint(levels·127 / lmax), as ops.py writes it
           p->lut[i * ncodes + c] = lmax > 0.f ? static_cast<int8_t>(std::nearbyint(lv[c] * 127.f / lmax)) : 0;
-        p->qscale[i] = w.scales[i] * (lmax / 127.f);
+        p->qscale[i] = round_to_half(w.scales[i] * (lmax / 127.f));
       }
       int8_t t[16];
       p->int8_table(n, b, t);

@@ -24,7 +24,7 @@ namespace conv_detail {
 //   wsum[n, b]     Σ_k w_int[n, k] over the block's real columns (k < K)
 // and for a codebook also
 //   lut[n, b, c]   int8 w_int of code c = rint(levels·127/lmax)
-//   qscale[n, b]   the block's scale·lmax/127
+//   qscale[n, b]   the block's scale·lmax/127, rounded to a half (round_to_half)
 // (uniform: w_int = code − zero point and the factor is the scale itself: see block_scales()).
 // Float accuracy needs none of them.
 struct ConvWeight final : PackedWeight {

@@ -44,6 +44,10 @@ struct LowBitWeight {
   int64_t blocks() const { return (K + block_size - 1) / block_size; }
 };
 
+// x rounded to the nearest float16 value (ties to even) when |x| lies in float16's normal range
+// [2^-14, 65504], else x: the effective block scale of an int8 codebook (runtime/ops.py).
+float round_to_half(float x);
+
 // The weight re-laid out (or merely referenced) for this CPU's kernels, built once per constant
 // weight and reused across runs. It must not keep a decoded float or int8 copy of the whole
 // weight: the point of the format is to hold 2/4-bit weights in memory; only per-block

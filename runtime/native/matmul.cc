@@ -65,13 +65,13 @@ void unpack_block(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b, uint8
     for (int j = 0; j < per_byte; ++j) out[i * per_byte + j] = (src[i] >> (j * w.bits)) & mask;
 }
 
-// An int8 codebook table: rint(level · 127 / lmax); returns scale · lmax / 127.
+// An int8 codebook table: rint(level · 127 / lmax); returns scale · lmax / 127 rounded to a half.
 float codebook_table(const float* levels, int count, float scale, int8_t* table) {
   float lmax = 0.f;
   for (int v = 0; v < count; ++v) lmax = std::max(lmax, std::fabs(levels[v]));
   const float inv = lmax > 0.f ? 127.f / lmax : 0.f;
   for (int v = 0; v < count; ++v) table[v] = static_cast<int8_t>(std::nearbyint(levels[v] * inv));
-  return scale * (lmax / 127.f);
+  return round_to_half(scale * (lmax / 127.f));
 }
 
 // Half scales (matmul_internal.h) when every one is exactly a half; the padded rows' 0 is one.
@@ -120,7 +120,7 @@ void prepack_interleaved(MatMulWeight& p) {
       if (!p.zp.empty()) p.zp[gb * kGroup + i] = w.zero_points[n * nb + b];
     }
   }
-  if (p.isa == Isa::Avx512Vnni && !codebook) use_half_scales(p);
+  if (p.isa == Isa::Avx512Vnni) use_half_scales(p);
 }
 
 void prepack_scalar_int8(MatMulWeight& p) {
@@ -152,7 +152,7 @@ void prepack_neon_int8(MatMulWeight& p) {
       p.scales[at] = codebook ? p.scalar_scales[n * nb + b] : w.scales[n * nb + b];
       if (!p.zp.empty()) p.zp[at] = w.zero_points[n * nb + b];
     }
-  if (!codebook) use_half_scales(p);
+  use_half_scales(p);
 }
 #endif
 

@@ -62,6 +62,17 @@ inline Weight random_weight(std::mt19937& rng, int64_t N, int64_t K, int bits, i
 }
 
 // The code of column k of row n (ops.py: packed little-end first within a byte).
+// ops.py's rounding of an int8 codebook's block scale to float16 (nearest, ties to even, inside
+// [2^-14, 65504] only), computed in double apart from the kernels' bit trick (round_to_half).
+inline float half_round(float x) {
+  const double m = std::fabs(static_cast<double>(x));
+  if (!(m >= std::ldexp(1.0, -14) && m <= 65504.0)) return x;
+  int e = 0;
+  std::frexp(m, &e);                           // m = f·2^e, f in [0.5, 1): 11 significant bits
+  const double ulp = std::ldexp(1.0, e - 11);
+  return static_cast<float>(std::copysign(std::nearbyint(m / ulp) * ulp, static_cast<double>(x)));
+}
+
 inline int code(const LowBitWeight& w, int64_t n, int64_t k) {
   const int64_t b = k / w.block_size, j = k % w.block_size;
   const uint8_t byte = w.packed[(n * w.blocks() + b) * (w.block_size * w.bits / 8) + j * w.bits / 8];

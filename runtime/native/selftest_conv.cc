@@ -89,7 +89,7 @@ std::vector<float> ref_conv(const LowBitWeight& w, Accuracy acc, const ConvShape
                                     : static_cast<float>(c - zp);
                 isum += static_cast<int64_t>(q) * static_cast<int64_t>(wi);
               }
-              const double bscale = lv ? static_cast<double>(sc) * lmax / 127.0 : sc;
+              const double bscale = lv ? selftest::half_round(sc * (lmax / 127.f)) : sc;
               y += amax / 127.0 * bscale * static_cast<double>(isum);
             }
             Y[(img * s.N + n) * P + oh * s.OW + ow] = static_cast<float>(y);
