@@ -48,8 +48,16 @@ MatMulNBits, and notes the layers it left;
 ``use=lowbit`` emits them anyway (they then run on the numpy reference through
 onnxruntime-extensions: slow, exact — for tests and portability); ``use=stock`` never.
 
-Report notes: ``layers`` (per layer: node, what was found, bits, block, [N, K], the choice, and for
-``measure`` the time per run of each candidate in ms), ``left`` (node, reason), ``implementation``.
+Report notes: ``layers`` (per layer: node, what was found, bits, block, [N, K], the choice, for
+``measure`` the time per run of each candidate in ms, and ``fused``: the ops a ConvLowBit took in),
+``left`` (node, reason), ``implementation``.
+
+ConvLowBit takes in what onnxruntime fuses into a float Conv: a zero ``Pad`` before it (into its
+pads), a residual ``Add`` after it (the Conv's only reader; the other operand, a run-time tensor of
+the Conv output's own static shape — no broadcasting — becomes input Z: Y = (conv + bias) + Z, the
+same float32 additions; the node takes the Add's place and output name) and a ``Relu``/``Clip``
+after that (clip_min/clip_max). ``select=measure`` times the Conv alone (its output is the
+one-layer model's output, so nothing is fused there).
 """
 
 from __future__ import annotations
@@ -504,8 +512,10 @@ def _base(layer: Layer) -> str:
     return (value.name if value is not None and value.name else layer.name)
 
 
-def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Names, shapes: dict | None = None) -> None:
-    """Rewrite ``layer`` as ``choice`` (one of ``CANDIDATES``); dead nodes are left for the caller."""
+def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Names,
+          shapes: dict | None = None) -> list[str] | None:
+    """Rewrite ``layer`` as ``choice`` (one of ``CANDIDATES``); dead nodes are left for the caller.
+    A ConvLowBit returns the op types it took in besides the Conv (Pad, Add, Relu/Clip), in order."""
     from lowbit.quant import emit
 
     graph = model.graph
@@ -558,18 +568,28 @@ def apply(model: ir.Model, layer: Layer, choice: str, accuracy: str, names: Name
                      group=int(attribute(node, "group", 1)))
         inputs = [x, *_weight_inputs(graph, names, _base(layer), w),
                   node.inputs[2] if len(node.inputs) > 2 else None]
+        fused = ["Pad"] if absorbed is not None else []
+        residual = _residual_after(node.outputs[0])
+        if residual is not None:  # onnxruntime fuses a residual Add into a float Conv (FusedConv's Z); ConvLowBit too
+            inputs.append(residual[1])  # Z, after absent optionals left as None (ONNX: "" in their places)
+            fused.append("Add")
         while inputs and inputs[-1] is None:
             inputs.pop()
-        act = _clamp_after(node.outputs[0])
+        act = _clamp_after(node.outputs[0] if residual is None else residual[0].outputs[0])
         if act is not None:  # onnxruntime fuses Relu/Clip into a float Conv; ConvLowBit clamps as it stores
             attrs.update(clip_min=act[1], clip_max=act[2])
+            fused.append(act[0].op_type)
         new = ir.node("ConvLowBit", inputs, domain=ops.DOMAIN, name=node.name, attributes=attrs)
-        emit._replace_node(graph, node, [new])
+        if residual is None:
+            emit._replace_node(graph, node, [new])
+        else:  # where the Add was, since Z may be computed after the Conv; the Add's output keeps its name
+            emit._replace_node(graph, residual[0], [new])
+            graph.remove(node, safe=True)  # its one reader, the Add, is gone; its weight chain is left dead
         if act is not None:
             from onnx_ir.convenience import replace_nodes_and_values
 
             replace_nodes_and_values(graph, act[0], [act[0]], [], act[0].outputs, new.outputs)
-        return
+        return fused
     if choice == "Hadamard":
         layer = _rotation(layer.node) or layer  # its input may be the output of a layer lowered since
         x = layer.x
@@ -621,9 +641,40 @@ def _pads(node: ir.Node, kernel, strides, dilations, shapes: dict | None) -> lis
     return [int(v) for v in attribute(node, "pads", [0, 0, 0, 0])]
 
 
+def _same_static_shape(a: ir.Value, b: ir.Value) -> bool:
+    """Both shapes known and equal dimension by dimension: the same integer, or the same named
+    symbolic dimension (ONNX: one name, one size) — so that no broadcasting can be involved."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    for d, e in zip(a.shape, b.shape):
+        if isinstance(d, int) or isinstance(e, int):
+            if not (isinstance(d, int) and isinstance(e, int) and d == e):
+                return False
+        elif d.value is None or d.value != e.value:
+            return False
+    return True
+
+
+def _residual_after(y: ir.Value) -> tuple[ir.Node, ir.Value] | None:
+    """(Add, Z) when the Conv output ``y`` feeds only an ai.onnx Add whose other operand Z is a
+    run-time tensor of y's own static shape, so that the Add can be fused into ConvLowBit as its
+    input Z (Y = (conv + bias) + Z: the same float32 additions); else None."""
+    users = y.uses()
+    if len(users) != 1 or y.is_graph_output():
+        return None
+    add, index = users[0]
+    if add.domain not in _ONNX or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    z = add.inputs[1 - index]
+    if z is None or z is y or const_array(z) is not None or z.dtype not in (None, ir.DataType.FLOAT):
+        return None
+    return (add, z) if _same_static_shape(y, z) else None
+
+
 def _clamp_after(y: ir.Value) -> tuple[ir.Node, float, float] | None:
-    """(node, low, high) when the Conv output ``y`` feeds only a Relu or a Clip with constant
-    bounds (ReLU6), so the clamp can be fused into ConvLowBit; else None."""
+    """(node, low, high) when ``y`` (a Conv's output, or that of the residual Add fused into it)
+    feeds only a Relu or a Clip with constant bounds (ReLU6), so the clamp can be fused into
+    ConvLowBit; else None."""
     users = y.uses()
     if len(users) != 1 or y.is_graph_output():
         return None
@@ -840,7 +891,9 @@ class Lower(Pass):
                           "measured fastest as it is" if select == "measure" else "the rule keeps it")
                 left.append({"node": layer.name, "reason": reason})
             else:
-                apply(model, layer, choice, accuracy, names, shapes)
+                fused = apply(model, layer, choice, accuracy, names, shapes)
+                if fused:
+                    row["fused"] = fused
                 changed = True
             rows.append(row)
         if changed:

@@ -55,18 +55,21 @@ MatMulLowBit
 
 ConvLowBit
 ----------
-``Y = ConvLowBit(X, W, scales, zero_points?, levels?, bias?)`` — a 2-D convolution, NCHW.
+``Y = ConvLowBit(X, W, scales, zero_points?, levels?, bias?, Z?)`` — a 2-D convolution, NCHW.
 
 - X float32 [B, C, H, W]; Y float32 [B, N, OH, OW]; W/scales/zero_points/levels packed as above
   with N = output channels and K = (C / group)·kh·kw; bias float32 [N].
+- Z float32, optional, exactly Y's shape [B, N, OH, OW] (no broadcasting): a residual added after
+  the bias and before the clamp, Y = min(max((conv + bias) + Z, clip_min), clip_max) — a following
+  ``Add`` fused in, as onnxruntime's FusedConv takes it. Z is a run-time tensor, never prepacked.
 - attributes: ``N``, ``K``, ``bits``, ``block_size``, ``format``, ``accuracy`` as MatMulLowBit;
   ``kernel_shape`` [kh, kw] (required), ``strides`` [sh, sw] (default 1, 1), ``pads``
   [top, left, bottom, right] (default 0s; explicit pads only — the lower pass resolves
   ``auto_pad``), ``dilations`` [dh, dw] (default 1, 1), ``group`` (default 1; C and N divisible
   by it; group = C = N is depthwise), ``clip_min`` / ``clip_max`` (floats, default −∞ / +∞:
-  Y = min(max(conv + bias, clip_min), clip_max) — a following Relu (0, +∞) or Clip/ReLU6 (0, 6)
-  fused in; clip_min ≤ clip_max). OH = ⌊(H + top + bottom − dh·(kh − 1) − 1) / sh⌋ + 1, likewise
-  OW, as ONNX Conv.
+  Y = min(max(conv + bias + Z, clip_min), clip_max) — a following Relu (0, +∞) or Clip/ReLU6
+  (0, 6) fused in, after the residual Z when there is one; clip_min ≤ clip_max).
+  OH = ⌊(H + top + bottom − dh·(kh − 1) − 1) / sh⌋ + 1, likewise OW, as ONNX Conv.
 
 Hadamard
 --------
@@ -103,7 +106,7 @@ ORDERS = ("natural", "sequency")
 
 #: input names in order; a trailing ``?`` marks an optional input
 MATMUL_INPUTS = ("A", "W", "scales", "zero_points?", "levels?", "bias?")
-CONV_INPUTS = ("X", "W", "scales", "zero_points?", "levels?", "bias?")
+CONV_INPUTS = ("X", "W", "scales", "zero_points?", "levels?", "bias?", "Z?")
 HADAMARD_INPUTS = ("X",)
 
 

@@ -12,7 +12,8 @@ Everything here follows :mod:`lowbit.runtime.ops` to the letter, in float32:
   float16 (codebook; ``lowbit.quant.grid.half_rounded``);
   the integer sums are exact (|q·w| ≤ 127², at most 256 terms: < 2^24, exact in float32);
 * ConvLowBit = im2col (column order c·kh·kw + ky·kw + kx, per group) then the MatMulLowBit
-  arithmetic on each patch row; Hadamard = the fast Walsh–Hadamard butterflies per group, rows
+  arithmetic on each patch row, then (+ bias) + Z and the clamp, each a float32 addition as
+  onnxruntime's Add does it; Hadamard = the fast Walsh–Hadamard butterflies per group, rows
   permuted to sequency order by ``ops.sequency_permutation``.
 
 Bad inputs raise ``ValueError`` naming the input or attribute, as the native ops fail the run.
@@ -35,9 +36,11 @@ A Python op that raises takes the whole process down (onnxruntime-extensions 0.1
 exception escape the kernel), so everything that can be checked before running is checked by
 ``prepare`` — attributes, and the constant inputs (packed weight length, scales shape, NaN scales,
 zero points, levels) — raising ``ValueError`` naming the node and input; the Python functions
-themselves never raise: an error they still meet (a non-constant weight input that is wrong)
-is printed to stderr and the output is NaN. ``register(session_options)`` registers the
-extensions library and declares the Python ops (once per process).
+themselves never raise: an error they still meet (a non-constant weight input that is wrong, a
+ConvLowBit residual ``Z`` — a run-time tensor, of which ``prepare`` checks only the static rank and
+channels — whose shape is not Y's) is printed to stderr and the output is NaN.
+``register(session_options)`` registers the extensions library and declares the Python ops (once
+per process).
 """
 
 from __future__ import annotations
@@ -272,11 +275,11 @@ def _check_conv_attributes(N, K, kernel_shape, strides, pads, dilations, group) 
     return (kh, kw), strides, pads, dilations
 
 
-def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, *, N, K, bits, block_size,
+def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, Z=None, *, N, K, bits, block_size,
                 format="uniform", accuracy="float", kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0),
                 dilations=(1, 1), group=1, clip_min=-np.inf, clip_max=np.inf) -> np.ndarray:
-    """Y[B, N, OH, OW] = clamp(Conv2D(X[B, C, H, W], Ŵ as [N, C/group, kh, kw]) (+ bias), clip_min,
-    clip_max) — ``ConvLowBit``."""
+    """Y[B, N, OH, OW] = clamp(Conv2D(X[B, C, H, W], Ŵ as [N, C/group, kh, kw]) (+ bias) (+ Z),
+    clip_min, clip_max) — ``ConvLowBit``; Z float32 of exactly Y's shape (a fused residual Add)."""
     check_weight(W, scales, zero_points, levels, bias, K=K, N=N, bits=bits, block_size=block_size,
                  format=format, accuracy=accuracy)
     clip_min, clip_max = check_clip(clip_min, clip_max)
@@ -292,6 +295,7 @@ def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, *, N, K,
     if oh < 1 or ow < 1:
         raise ValueError(f"input 'X' of spatial size {h}×{w} is smaller than the dilated kernel with these pads "
                          f"(output {oh}×{ow})")
+    _check_array("Z", Z, np.float32, (batch, N, oh, ow))
     xp = np.pad(X, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     windows = np.lib.stride_tricks.sliding_window_view(xp, span, axis=(2, 3))
@@ -306,9 +310,12 @@ def conv_lowbit(X, W, scales, zero_points=None, levels=None, bias=None, *, N, K,
                                     None if levels is None else levels[rows], K, bits, block_size, format, accuracy)
     if bias is not None:
         out += bias
+    out = np.ascontiguousarray(out.reshape(batch, oh, ow, N).transpose(0, 3, 1, 2))
+    if Z is not None:
+        out += Z  # (conv + bias) + Z in float32, as onnxruntime's separate Add
     if clip_min > -np.inf or clip_max < np.inf:
         np.clip(out, np.float32(clip_min), np.float32(clip_max), out=out)
-    return np.ascontiguousarray(out.reshape(batch, oh, ow, N).transpose(0, 3, 1, 2)).astype(_F32)
+    return out.astype(_F32, copy=False)
 
 
 def check_clip(clip_min, clip_max) -> tuple[float, float]:
@@ -383,7 +390,7 @@ _SIGNATURES = {
     "MatMulLowBit": (("A", np.float32), ("W", np.uint8), ("scales", np.float32), ("zero_points", np.uint8),
                      ("levels", np.float32), ("bias", np.float32)),
     "ConvLowBit": (("X", np.float32), ("W", np.uint8), ("scales", np.float32), ("zero_points", np.uint8),
-                   ("levels", np.float32), ("bias", np.float32)),
+                   ("levels", np.float32), ("bias", np.float32), ("Z", np.float32)),
     "Hadamard": (("X", np.float32),),
 }
 
@@ -436,7 +443,7 @@ def _check_node_inputs(node, config: dict) -> None:
         return
     from lowbit.passes.edit import const_array  # here: lowbit.passes imports this module
 
-    arrays = {name: const_array(values[name]) for name in names[1:]}
+    arrays = {name: const_array(values[name]) for name in names[1:6]}  # the weight inputs (not Z: a run-time tensor)
     for name, dtype in _SIGNATURES[node.op_type][1:]:
         v = values[name]
         if v is not None and v.dtype is not None and v.dtype.numpy() != np.dtype(dtype):
@@ -447,6 +454,12 @@ def _check_node_inputs(node, config: dict) -> None:
         raise ValueError("input 'levels' is required with format=codebook")
     weight = {k: config[k] for k in ("K", "N", "bits", "block_size", "format", "accuracy")}
     check_weight(arrays["W"], arrays["scales"], arrays["zero_points"], arrays["levels"], arrays["bias"], **weight)
+    z = values.get("Z")
+    if z is not None and z.shape is not None:  # what its static shape already tells; the rest is checked at run time
+        dims = list(z.shape)
+        if len(dims) != 4 or (isinstance(dims[1], int) and dims[1] != config["N"]):
+            raise ValueError(f"input 'Z' has shape {[d if isinstance(d, int) else str(d) for d in dims]}, expected "
+                             f"Y's shape [B, N = {config['N']}, OH, OW]")
 
 
 def prepare(model_bytes: bytes) -> bytes:
@@ -569,8 +582,8 @@ def _run_matmul(config, inputs):
 
 def _run_conv(config, inputs):
     args, kwargs = _weights(config, inputs)
-    conv = {k: config[k] for k in ("kernel_shape", "strides", "pads", "dilations", "group")}
-    return conv_lowbit(inputs[0], *args, **kwargs, **conv)
+    conv = {k: config[k] for k in ("kernel_shape", "strides", "pads", "dilations", "group", "clip_min", "clip_max")}
+    return conv_lowbit(inputs[0], *args, _none_if_empty(inputs[6]), **kwargs, **conv)
 
 
 def _run_hadamard(config, inputs):

@@ -404,3 +404,123 @@ def test_relu6_after_a_conv_is_fused_as_its_clamp():
     assert (conv.attributes["clip_min"].value, conv.attributes["clip_max"].value) == (0.0, 6.0)
     assert 0 < np.mean(want == 6.0) and 0 < np.mean(want == 0.0)  # both bounds are reached
     assert _rel(_run(model, x), want) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# a residual Add (and the Relu/Clip after it) fused into ConvLowBit as its input Z
+
+
+def _topological(model) -> bool:
+    seen = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    for node in model.graph:
+        if any(v is not None and v.name not in seen for v in node.inputs):
+            return False
+        seen |= {v.name for v in node.outputs}
+    return True
+
+
+def test_digits_residual_add_and_relu_are_fused(monkeypatch):
+    """With BatchNorm folded, the digits CNN's residual block ends Conv → Add(skip) → Relu, which
+    onnxruntime runs as one FusedConv; lowered, it is one ConvLowBit with Z = the skip."""
+    qdq = _digits("fold-bn,quantize(weights=4,block=32)")
+    before = _ops(qdq)
+    assert (before["Add"], before["Relu"], before["Conv"]) == (1, 5, 5)
+    x = data.digits_eval_set()[0][:64]
+    want = _run(qdq, _feed_of(qdq, x))
+    for accuracy, bound in (("float", 1e-5), ("int8", 2e-2)):
+        model = _clone(qdq)
+        ctx = run_pipeline(model, f"lower(select=rule,use=lowbit,accuracy={accuracy})")
+        after = _ops(model)
+        assert after == {"lowbit.ConvLowBit": 5, "com.microsoft.MatMulNBits": 1, "MaxPool": 1, "ReduceMean": 1}
+        rows = {row["node"]: row for row in pass_notes(ctx, "lower")["layers"]}
+        assert sorted(tuple(r.get("fused", ())) for r in rows.values()) == [(), ("Add", "Relu")] + [("Relu",)] * 4
+        (fused,) = [n for n in model.graph if len(n.inputs) == 7]
+        assert rows[fused.name]["fused"] == ["Add", "Relu"] and fused.attributes["clip_min"].value == 0.0
+        z = fused.inputs[6]
+        assert z.producer().op_type == "ConvLowBit" and z.producer().attributes["clip_min"].value == 0.0  # the skip
+        assert fused.outputs[0].name == "relu_3" and [v.name for v in model.graph.outputs] == ["logits"]
+        assert _topological(model)
+        assert _rel(_run(model, _feed_of(model, x)), want) <= bound
+    # the numpy reference (onnxruntime-extensions) runs the fused model the same
+    got = _run(model, _feed_of(model, x[:4]))
+    monkeypatch.setenv("LOWBIT_OPS_LIBRARY", "none")
+    sess = session(model, optimization="disable")
+    assert sess.lowbit_implementation == "reference"
+    assert _rel(sess.run(None, _feed_of(model, x[:4]))[0], got) <= 1e-4  # int8: the native kernels' float rounding
+
+
+def test_digits_residual_fusion_with_select_measure():
+    """select=measure times each Conv alone (no Add in the one-layer model); what it lowers still fuses."""
+    qdq = _digits("fold-bn,quantize(weights=4,block=32)")
+    model = _clone(qdq)
+    ctx = run_pipeline(model, "lower(select=measure,use=lowbit,repeats=1)")
+    rows = pass_notes(ctx, "lower")["layers"]
+    assert all(set(r["times_ms"]) >= {"keep"} for r in rows)
+    convs = [r for r in rows if r["op"] == "Conv" and r["choice"] == "ConvLowBit"]
+    assert sum("Add" in r.get("fused", ()) for r in convs) == _ops(qdq)["Add"] - _ops(model).get("Add", 0)
+    x = data.digits_eval_set()[0][:64]
+    assert _topological(model)
+    assert _rel(_run(model, _feed_of(model, x)), _run(qdq, _feed_of(qdq, x))) <= 2e-2
+
+
+def _residual(kind: str) -> ir.Model:
+    """x[N, 4, 6, 6] → Conv 3×3 (pads 1, bias) → c; z = Sigmoid(x), after the Conv in node order;
+    s = Add(c, other) → Relu → y. ``kind``: "fused" (other = z), "first" (Add(z, c): the Conv
+    output second), "broadcast" (other = r, an input [1, 4, 1, 1]), "two uses" (c also feeds
+    Neg → a second output), "constant" (other a constant of c's shape: [2, 4, 6, 6], the batch
+    fixed), "unknown" (other = z, but no shape inference: c's shape is not known)."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    rng = np.random.default_rng(17)
+    batch = 2 if kind == "constant" else "N"
+    other = {"broadcast": "r", "constant": "k"}.get(kind, "z")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["x"], ["z"], name="sigmoid"),
+             helper.make_node("Add", ["z", "c"] if kind == "first" else ["c", other], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 6, 6])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 6, 6])]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    if kind == "broadcast":
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4, 1, 1]))
+    if kind == "constant":
+        inits.append(numpy_helper.from_array(rng.standard_normal((2, 4, 6, 6)).astype(np.float32), "k"))
+    if kind == "two uses":
+        nodes.append(helper.make_node("Neg", ["c"], ["y2"], name="neg"))
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [batch, 4, 6, 6]))
+    graph = helper.make_graph(nodes, "residual", inputs, outputs, initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    model = ir.serde.deserialize_model(proto if kind == "unknown" else shape_inference.infer_shapes(proto))
+    c = next(n for n in model.graph if n.name == "conv").outputs[0]
+    assert (c.shape is None) == (kind == "unknown")
+    return model
+
+
+@pytest.mark.parametrize("kind,fused", [("fused", True), ("first", True), ("broadcast", False), ("two uses", False),
+                                        ("constant", False), ("unknown", False)])
+def test_residual_add_is_fused_only_without_broadcasting_or_other_readers(kind, fused):
+    model = _residual(kind)
+    rng = np.random.default_rng(3)
+    feed = {"x": (2 * rng.standard_normal((2, 4, 6, 6))).astype(np.float32)}
+    if kind == "broadcast":
+        feed["r"] = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    run_pipeline(model, "quantize(weights=4,block=32)")
+    want = [session(model, optimization="disable").run(None, feed)]
+    ctx = run_pipeline(model, "lower(select=rule,use=lowbit,accuracy=float)")
+    ops = _ops(model)
+    (conv,) = [n for n in model.graph if n.op_type == "ConvLowBit"]
+    (row,) = pass_notes(ctx, "lower")["layers"]
+    if fused:
+        assert ops == {"lowbit.ConvLowBit": 1, "Sigmoid": 1}
+        assert [v.name if v is not None else None for v in conv.inputs[3:]] == [None, None, conv.inputs[5].name, "z"]
+        assert row["fused"] == ["Add", "Relu"] and conv.attributes["clip_min"].value == 0.0
+        assert conv.outputs[0].name == "y" and [n.op_type for n in model.graph] == ["Sigmoid", "ConvLowBit"]
+    else:
+        assert ops["Add"] == 1 and ops["Relu"] == 1 and len(conv.inputs) == 6
+        assert "fused" not in row and "clip_min" not in conv.attributes
+    assert _topological(model)
+    got = session(model, optimization="disable").run(None, feed)
+    assert len(got) == len(want[0])
+    for g, w in zip(got, want[0]):
+        assert _rel(g, w) <= 1e-5

@@ -452,3 +452,82 @@ def test_conv_stride1_planes_match_reference(case):
         ref = reference.conv_lowbit(X, W, scales, zp, levels, bias, **attrs)
         assert y.shape == ref.shape
         assert rel_err(y, ref) <= (1e-5 if accuracy == "float" else 1e-4), (fmt, rel_err(y, ref))
+
+
+# ------------------------------------------------------------------------------------ conv: the residual input Z
+# (a fused Add: Y = min(max((conv + bias) + Z, clip_min), clip_max), Z of exactly Y's shape, a run-time tensor)
+
+
+def _z_model(inputs, attrs, *, name="node"):
+    """``model(...)`` with Z a graph input (a run-time tensor, as after a fused Add) and the weights constant."""
+    proto = onnx.ModelProto.FromString(model("ConvLowBit", None, inputs, attrs, name=name))
+    z = next(t for t in proto.graph.initializer if t.name == "Z")
+    proto.graph.initializer.remove(z)
+    proto.graph.input.append(helper.make_tensor_value_info("Z", z.data_type, None))
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("accuracy", ["float", "int8"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("clip", [None, (0.0, float("inf")), (-0.5, 0.25)])
+def test_conv_residual_z_matches_reference(clip, bias, accuracy):
+    rng = np.random.default_rng(31)
+    W, scales, zp, _ = weight(rng, 8, 6 * 9, bits=4, block_size=32)
+    X = rng.normal(size=(2, 6, 7, 7)).astype(np.float32)
+    Z = rng.normal(size=(2, 8, 7, 7)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32) if bias else None
+    attrs = dict(N=8, K=54, bits=4, block_size=32, accuracy=accuracy, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    if clip is not None:
+        attrs.update(clip_min=clip[0], clip_max=clip[1])
+    for threads in (1, 2):
+        y = run(_z_model({"W": W, "scales": scales, "zero_points": zp, "bias": b, "Z": Z}, attrs), {"X": X, "Z": Z},
+                threads=threads)
+        ref = reference.conv_lowbit(X, W, scales, zp, None, b, Z, **attrs)
+        assert y.shape == ref.shape == (2, 8, 7, 7)
+        assert rel_err(y, ref) <= (1e-5 if accuracy == "float" else 1e-4), rel_err(y, ref)
+    # Z is added (before the clamp): without it the outputs are far from these
+    without = reference.conv_lowbit(X, W, scales, zp, None, b, **attrs)
+    assert rel_err(without, ref) > 0.1
+    if clip is not None:
+        assert y.min() >= clip[0] and y.max() <= clip[1] and 0 < np.mean(ref == np.float32(clip[0])) < 1
+
+
+def test_conv_residual_z_constant_and_depthwise_stride2():
+    """Z as an initializer (read at run time all the same) on a depthwise stride-2 conv; OH ≠ H."""
+    rng = np.random.default_rng(32)
+    W, scales, zp, _ = weight(rng, 6, 9, bits=2, block_size=16)
+    X = rng.normal(size=(2, 6, 9, 8)).astype(np.float32)
+    Z = rng.normal(size=(2, 6, 5, 4)).astype(np.float32)
+    attrs = dict(N=6, K=9, bits=2, block_size=16, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=6,
+                 clip_min=0.0, clip_max=6.0)
+    y = run(model("ConvLowBit", X, {"W": W, "scales": scales, "zero_points": zp, "Z": Z}, attrs), {"X": X}, threads=2)
+    ref = reference.conv_lowbit(X, W, scales, zp, None, None, Z, **attrs)
+    assert y.shape == (2, 6, 5, 4) and rel_err(y, ref) <= 1e-5, rel_err(y, ref)
+
+
+def test_conv_residual_z_of_the_wrong_shape_or_type():
+    rng = np.random.default_rng(33)
+    W, scales, zp, _ = weight(rng, 4, 2 * 9, bits=4, block_size=16)
+    X = rng.normal(size=(2, 2, 6, 6)).astype(np.float32)
+    attrs = dict(K=18, N=4, bits=4, block_size=16, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    m = _z_model({"W": W, "scales": scales, "zero_points": zp, "Z": np.zeros((2, 4, 6, 6), np.float32)}, attrs, name="c")
+    assert run(m, {"X": X, "Z": np.zeros((2, 4, 6, 6), np.float32)}).shape == (2, 4, 6, 6)
+    for shape in ((1, 4, 6, 6), (2, 4, 6), (2, 4, 1, 1), (2, 1, 6, 6)):  # never broadcast
+        message = run_error(m, {"X": X, "Z": np.zeros(shape, np.float32)})
+        assert (f"ConvLowBit node 'c': input 'Z' has shape {list(shape)}, expected [2, 4, 6, 6] "
+                "(Y's shape [B, N, OH, OW])") in message, message
+    # another element type: onnxruntime refuses the model against the op's declared float32 input Z
+    m = _z_model({"W": W, "scales": scales, "zero_points": zp, "Z": np.zeros((2, 4, 6, 6), np.float64)}, attrs, name="c")
+    with pytest.raises(Exception) as info:
+        run(m, {"X": X, "Z": np.zeros((2, 4, 6, 6), np.float64)})
+    assert "tensor(double)" in str(info.value) and "(Z)" in str(info.value) and "ConvLowBit" in str(info.value)
+
+
+def test_conv_residual_z_empty_batch():
+    rng = np.random.default_rng(34)
+    W, scales, zp, _ = weight(rng, 4, 2 * 9, bits=4, block_size=16)
+    attrs = dict(K=18, N=4, bits=4, block_size=16, kernel_shape=[3, 3])
+    m = _z_model({"W": W, "scales": scales, "zero_points": zp, "Z": np.zeros((0, 4, 3, 3), np.float32)}, attrs, name="c")
+    X = np.zeros((0, 2, 5, 5), np.float32)
+    assert run(m, {"X": X, "Z": np.zeros((0, 4, 3, 3), np.float32)}).shape == (0, 4, 3, 3)
+    assert "input 'Z' has shape [0, 4, 3, 2]" in run_error(m, {"X": X, "Z": np.zeros((0, 4, 3, 2), np.float32)})

@@ -366,3 +366,123 @@ def test_extensions_errors_name_the_node_and_input():
     with pytest.raises(Exception, match=r"input 'X' of ConvLowBit node 'c' must be \[B, C, H, W\] with C = 2"):
         sess.run(None, {"x": np.ones((1, 3, 5, 5), np.float32)})
     assert sess.run(None, {"x": np.ones((1, 2, 5, 5), np.float32)})[0].shape == (1, 4, 3, 3)
+
+
+# -------------------------------------------------------------------------------- ConvLowBit's residual input Z
+# (a fused Add: Y = min(max((conv + bias) + Z, clip_min), clip_max), Z of exactly Y's shape)
+
+
+def _ort_conv_add(x, kernel, bias, z, clip, **attrs):
+    """onnxruntime's Conv → Add(Z) → Clip, unoptimized (three nodes, as the model before lowering)."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs), helper.make_node("Add", ["c", "z"], ["s"]),
+             helper.make_node("Clip", ["s", "lo", "hi"], ["y"])]
+    inits = [numpy_helper.from_array(kernel, "w"), numpy_helper.from_array(bias, "b"),
+             numpy_helper.from_array(np.array(clip[0], np.float32), "lo"), numpy_helper.from_array(np.array(clip[1], np.float32), "hi")]
+    graph = helper.make_graph(nodes, "conv_add", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                                                  helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "z": z})[0]
+
+
+@pytest.mark.parametrize("clip", [(-np.inf, np.inf), (0.0, np.inf), (-0.5, 0.75)])
+def test_conv_residual_z_is_added_after_the_bias_and_before_the_clamp(clip):
+    rng = np.random.default_rng(41)
+    c, n, group = 6, 4, 2
+    k = c // group * 9
+    _, w, scales, zp, _ = _weights(rng, n, k, 4, 16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((2, c, 9, 8)).astype(np.float32)
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 1], pads=[1, 0, 1, 1], group=group)
+    z = rng.standard_normal((2, n, 5, 7)).astype(np.float32)
+    weight = dict(N=n, K=k, bits=4, block_size=16)
+    y = R.conv_lowbit(x, w, scales, zp, None, bias, z, **weight, **attrs, clip_min=clip[0], clip_max=clip[1])
+    # exactly the float32 additions of onnxruntime's separate Add, then the clamp
+    plain = R.conv_lowbit(x, w, scales, zp, None, bias, **weight, **attrs)
+    assert y.dtype == np.float32 and y.shape == (2, n, 5, 7)
+    assert np.array_equal(y, np.clip(plain + z, np.float32(clip[0]), np.float32(clip[1])))
+    kernel = R.decode(w, scales, zp, None, K=k, N=n, bits=4, block_size=16).reshape(n, c // group, 3, 3)
+    want = _ort_conv_add(x, kernel, bias, z, clip, **attrs)
+    assert _rel(y, want) <= 1e-6
+    # without a bias, Z is added to the convolution alone
+    y0 = R.conv_lowbit(x, w, scales, zp, None, None, z, **weight, **attrs)
+    assert np.array_equal(y0, R.conv_lowbit(x, w, scales, zp, None, None, **weight, **attrs) + z)
+
+
+def test_conv_residual_z_validation_names_the_input():
+    rng = np.random.default_rng(42)
+    _, w, scales, _, _ = _weights(rng, 4, 27, 4, 32)
+    x = np.ones((2, 3, 5, 5), np.float32)
+    conv = dict(N=4, K=27, bits=4, block_size=32, kernel_shape=(3, 3), pads=(1, 1, 1, 1))
+    for shape in ((1, 4, 5, 5), (2, 4, 5), (2, 1, 5, 5), (2, 4, 1, 1)):  # never broadcast
+        with pytest.raises(ValueError, match=rf"input 'Z' has shape \[{', '.join(map(str, shape))}\], expected \[2, 4, 5, 5\]"):
+            R.conv_lowbit(x, w, scales, None, None, None, np.zeros(shape, np.float32), **conv)
+    with pytest.raises(ValueError, match="input 'Z' must be float32, not float64"):
+        R.conv_lowbit(x, w, scales, None, None, None, np.zeros((2, 4, 5, 5)), **conv)
+    assert R.conv_lowbit(x, w, scales, None, None, None, np.zeros((2, 4, 5, 5), np.float32), **conv).shape == (2, 4, 5, 5)
+
+
+def _conv_z_node(w, scales, attrs, *, z_shape, name="c", bias=None) -> bytes:
+    """x, z (graph inputs) → ConvLowBit(x, W, scales, "", "", bias?, z) → y."""
+    x = ir.Value(name="x", shape=ir.Shape(["B", attrs["K"] // 9 * attrs.get("group", 1), "H", "W"]),
+                 type=ir.TensorType(ir.DataType.FLOAT))
+    z = ir.Value(name="z", shape=ir.Shape(z_shape), type=ir.TensorType(ir.DataType.FLOAT))
+    consts = [_const("W", w), _const("scales", scales)] + ([_const("bias", bias)] if bias is not None else [])
+    node = ir.node("ConvLowBit", [x, consts[0], consts[1], None, None, consts[2] if bias is not None else None, z],
+                   domain="lowbit", attributes=attrs, name=name)
+    node.outputs[0].name = "y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x, z], [node.outputs[0]], nodes=[node], initializers=consts, opset_imports={"": 21, "lowbit": 1})
+    return io.to_bytes(ir.Model(graph, ir_version=10))
+
+
+def test_extensions_conv_with_z_equals_the_reference(monkeypatch, tmp_path):
+    """The onnxruntime-extensions path takes Z (a run-time input after absent optionals) and the
+    fused clamp; through ``lowbit.session`` without the native library too."""
+    from lowbit.runtime.session import session
+
+    rng = np.random.default_rng(43)
+    c, n = 4, 6
+    k = c * 9
+    _, w, scales, _, _ = _weights(rng, n, k, 4, 16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    attrs = dict(N=n, K=k, bits=4, block_size=16, kernel_shape=[3, 3], pads=[1, 1, 1, 1], clip_min=0.0, clip_max=1.5)
+    model = _conv_z_node(w, scales, attrs, z_shape=["B", n, "H", "W"], bias=bias)
+    proto = onnx.ModelProto.FromString(R.prepare(model))
+    contrib = [nd for nd in proto.graph.node if nd.domain == "ai.onnx.contrib"]
+    assert len(contrib) == 1 and len(contrib[0].input) == 7 and contrib[0].input[6] == "z"
+    x = rng.standard_normal((2, c, 6, 5)).astype(np.float32)
+    z = rng.standard_normal((2, n, 6, 5)).astype(np.float32)
+    want = R.conv_lowbit(x, w, scales, None, None, bias, z, **attrs)
+    assert 0 < np.mean(want == 0) < 1 and 0 < np.mean(want == np.float32(1.5)) < 1  # both bounds reached
+    assert np.array_equal(_ext_session(model).run(None, {"x": x, "z": z})[0], want)
+    monkeypatch.setenv("LOWBIT_OPS_LIBRARY", "none")
+    (tmp_path / "m.onnx").write_bytes(model)
+    sess = session(tmp_path / "m.onnx")
+    assert sess.lowbit_implementation == "reference"
+    assert np.array_equal(sess.run(None, {"x": x, "z": z})[0], want)
+    # without Z the same node (Z absent) gives the convolution alone
+    no_z = _one_node("ConvLowBit", ["B", c, "H", "W"], dict(W=w, scales=scales, zero_points=None, levels=None, bias=bias),
+                     attrs)
+    assert np.array_equal(_ext_session(no_z).run(None, {"x": x})[0], R.conv_lowbit(x, w, scales, None, None, bias, **attrs))
+
+
+def test_extensions_conv_z_errors():
+    rng = np.random.default_rng(44)
+    _, w, scales, _, _ = _weights(rng, 4, 18, 4, 16)
+    attrs = dict(N=4, K=18, bits=4, block_size=16, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    # what Z's static shape tells is checked by prepare
+    with pytest.raises(ValueError, match=r"ConvLowBit node 'c': input 'Z' has shape \['B', 3, 'H', 'W'\], expected Y's shape"):
+        R.prepare(_conv_z_node(w, scales, attrs, z_shape=["B", 3, "H", "W"]))
+    with pytest.raises(ValueError, match=r"ConvLowBit node 'c': input 'Z' has shape \['B', 4\]"):
+        R.prepare(_conv_z_node(w, scales, attrs, z_shape=["B", 4]))
+    # the rest at run time: the Python op never raises (that would abort the process), it names Z and returns NaN
+    sess = _ext_session(_conv_z_node(w, scales, attrs, z_shape=["B", 4, "H", "W"]))
+    x = np.ones((1, 2, 5, 5), np.float32)
+    y = sess.run(None, {"x": x, "z": np.ones((1, 4, 5, 4), np.float32)})[0]
+    assert not np.isfinite(y).any() and R.LAST_ERROR == "c: input 'Z' has shape [1, 4, 5, 4], expected [1, 4, 5, 5]"
+    y = sess.run(None, {"x": x, "z": np.ones((1, 4, 5, 5), np.float32)})[0]
+    assert np.array_equal(y, R.conv_lowbit(x, w, scales, None, None, None, np.ones((1, 4, 5, 5), np.float32), **attrs))

@@ -233,6 +233,7 @@ struct WeightAttributes {
 // ---- weights -------------------------------------------------------------------------------
 
 constexpr size_t kW = 1, kScales = 2, kZeroPoints = 3, kLevels = 4, kBias = 5;
+constexpr size_t kZ = 6;  // ConvLowBit's residual (a fused Add): a run-time input, never prepacked
 // the bits of the weight inputs W, scales, zero_points, levels in an input mask
 constexpr unsigned kWeightMask = (1u << kW) | (1u << kScales) | (1u << kZeroPoints) | (1u << kLevels);
 const char* const kWeightInputs[] = {"A/X", "W", "scales", "zero_points", "levels", "bias"};
@@ -402,9 +403,9 @@ struct Kernel {
 // weight's inputs, which were read and validated when the kernel was created).
 std::vector<Tensor> inputs(OrtKernelContext* context, const std::string& label, size_t expected, unsigned skip = 0) {
   size_t count = 0;
-  check(g_api->KernelContext_GetInputCount(context, &count), label + ": reading the inputs");
+  check_lazy(g_api->KernelContext_GetInputCount(context, &count), [&] { return label + ": reading the inputs"; });
   std::vector<Tensor> out(expected);
-  static const std::string names[] = {"0", "1", "2", "3", "4", "5"};
+  static const std::string names[] = {"0", "1", "2", "3", "4", "5", "6"};
   for (size_t i = 0; i < count && i < expected; ++i) {
     if (skip & (1u << i)) continue;
     const OrtValue* value = nullptr;
@@ -416,10 +417,10 @@ std::vector<Tensor> inputs(OrtKernelContext* context, const std::string& label, 
 
 float* output(OrtKernelContext* context, const std::string& label, const std::vector<int64_t>& shape) {
   OrtValue* value = nullptr;
-  check(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &value),
-        label + ": allocating the output " + shape_text(shape));
+  check_lazy(g_api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &value),
+             [&] { return label + ": allocating the output " + shape_text(shape); });
   void* data = nullptr;
-  check(g_api->GetTensorMutableData(value, &data), label + ": the output");
+  check_lazy(g_api->GetTensorMutableData(value, &data), [&] { return label + ": the output"; });
   return static_cast<float*>(data);
 }
 
@@ -501,7 +502,7 @@ struct ConvKernel : Kernel {
 
   void compute(OrtKernelContext* context) override {
     const WeightAttributes& at = weight.attributes;
-    std::vector<Tensor> in = inputs(context, label, 6, weight.prepacked ? kWeightMask : 0u);
+    std::vector<Tensor> in = inputs(context, label, 7, weight.prepacked ? kWeightMask : 0u);
     const Tensor& X = in[0];
     expect_float(label, "X", X);
     if (X.shape.size() != 4)
@@ -540,17 +541,32 @@ struct ConvKernel : Kernel {
     std::unique_ptr<PackedWeight> per_run;
     const PackedWeight& packed = run_weight(weight, label, in, &per_run);
     const float* bias = bias_view(label, at, in[kBias]);
-    float* Y = output(context, label, {s.batch, s.N, s.OH, s.OW});
+    const std::vector<int64_t> y_shape{s.batch, s.N, s.OH, s.OW};
+    const Tensor& Z = in[kZ];
+    if (Z.present) expect(label, "Z", Z, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, y_shape, "(Y's shape [B, N, OH, OW])");
+    const float* z = Z.present ? Z.as<float>() : nullptr;
+    float* Y = output(context, label, y_shape);
     if (s.batch == 0) return;
     conv_lowbit(packed, s, X.as<float>(), bias, Y, ort_parallel_for(context));
-    if (clip_min > -std::numeric_limits<float>::infinity() || clip_max < std::numeric_limits<float>::infinity()) {
-      // the fused Relu/Clip, while Y is still in cache (one pass instead of another node's)
-      // (ternaries, not std::min/max, so that the compiler vectorizes the loop)
+    const bool clamped =
+        clip_min > -std::numeric_limits<float>::infinity() || clip_max < std::numeric_limits<float>::infinity();
+    if (z != nullptr || clamped) {
+      // the fused Add (Y = (conv + bias) + Z, the float32 additions of onnxruntime's Add) and Relu/Clip, in one
+      // pass while Y is still in cache instead of another node's each; infinite bounds leave v as it is
+      // (ternaries, not std::min/max, so that the compiler vectorizes the loops)
       const int64_t count = s.batch * s.N * s.OH * s.OW;
       const float lo = clip_min, hi = clip_max;
-      for (int64_t i = 0; i < count; ++i) {
-        const float v = Y[i] < lo ? lo : Y[i];
-        Y[i] = v > hi ? hi : v;
+      if (z != nullptr) {
+        for (int64_t i = 0; i < count; ++i) {
+          float v = Y[i] + z[i];
+          v = v < lo ? lo : v;
+          Y[i] = v > hi ? hi : v;
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          const float v = Y[i] < lo ? lo : Y[i];
+          Y[i] = v > hi ? hi : v;
+        }
       }
     }
   }
@@ -622,6 +638,11 @@ struct CustomOp : OrtCustomOp {
 const ONNXTensorElementDataType kLowBitTypes[] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+// ConvLowBit: the same, then Z (runtime/ops.py)
+const ONNXTensorElementDataType kConvTypes[] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 const ONNXTensorElementDataType kHadamardTypes[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
 const CustomOp& self(const OrtCustomOp* op) { return *static_cast<const CustomOp*>(op); }
@@ -690,7 +711,7 @@ CustomOp make_op(OpKind kind, const char* name, const ONNXTensorElementDataType*
 
 const CustomOp kOps[] = {
     make_op(OpKind::MatMul, "MatMulLowBit", kLowBitTypes, 6, 3),
-    make_op(OpKind::Conv, "ConvLowBit", kLowBitTypes, 6, 3),
+    make_op(OpKind::Conv, "ConvLowBit", kConvTypes, 7, 3),
     make_op(OpKind::Hadamard, "Hadamard", kHadamardTypes, 1, 1),
 };
 
