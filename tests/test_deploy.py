@@ -76,7 +76,10 @@ def test_an_opset_the_shipped_onnxruntime_lacks_is_refused_until_targeted(run_cl
     llama = demo.model_path("llama")
     calib = tmp_path / "tokens.npz"
     np.savez(calib, **{input_specs(io.load(llama))[0].name: tokens})
-    passes = "quantize(weights=2,block=32),lower(select=rule,use=lowbit)"
+    # accuracy=float: the check below holds the two targets to 1e-5, which int8 activations cannot promise —
+    # a 1e-7 difference upstream (onnxruntime 1.21 on aarch64 against 1.31 here) may flip one rounding of an
+    # activation code (measured 2.3e-3 with the default half scales, 2.5e-7 with float32 ones)
+    passes = "quantize(weights=2,block=32),lower(select=rule,use=lowbit,accuracy=float)"
     plain, targeted = tmp_path / "w2.onnx", tmp_path / "w2_ort121.onnx"
     compress(llama, plain, passes, calib=str(calib), progress=False)
     assert io.load(plain).opset_imports[""] == 25
@@ -92,7 +95,7 @@ def test_an_opset_the_shipped_onnxruntime_lacks_is_refused_until_targeted(run_cl
                                    "--json")
     assert code == 0, stderr
     check = json.loads(stdout)["check"]
-    assert check["passed"] and check["max_rel_diff"] <= 1e-5, check  # measured ≤ 4.4e-7
+    assert check["passed"] and check["max_rel_diff"] <= 1e-5, check  # measured 3.0e-7
 
 
 @pytest.mark.parametrize("case", ["missing model", "folder in the way", "unknown target", "missing inputs"])
