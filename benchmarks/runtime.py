@@ -6,10 +6,12 @@
   the arithmetic of MatMulNBits' level 4 — and ``accuracy=float``). Claims at M = 1 on each thread
   count: lowbit 2-bit ≤ 0.5× stock 2-bit block 32, and ≤ 1.0× stock 2-bit block 128; float MatMul
   ≥ 6× lowbit 2-bit; lowbit 4-bit ≤ 1.2× stock 4-bit; codebook 2-bit ≤ 1.3× uniform 2-bit. The
-  effective weight bandwidth (packed codes + scales per call over the median time) is printed
-  beside the machine's memory bandwidth measured in the same run (a 256 MB numpy copy and sum on
-  one thread); a 4096² weight at 2 bits (6 MB with its scales) fits in this machine's 32 MB L3,
-  so a loop over one matrix can stream faster than memory.
+  effective weight bandwidth (packed codes + scales as the kernel keeps them, per call, over the
+  median time) is printed beside the machine's memory bandwidth measured in the same run (a 256 MB
+  numpy copy and sum on one thread). The scales are float16 values, as ``quantize`` writes them
+  (``scales=auto``), which the AVX-512 int8 kernel keeps in 2 bytes: a 4096² weight at 2 bits
+  block 32 streams 5 MB (6 MB with float32 scales, stock block 128 4.5 MB). That fits in this
+  machine's 32 MB L3, so a loop over one matrix can stream faster than memory.
 * **ConvLowBit** — 4-bit block 32, batch 1, 3×3 pad 1: 64→64 at 56×56, 256→256 at 14×14,
   depthwise 64 at 56×56 and 256 at 14×14 (block 16: K = 9), plus Lite0-like 1×1 convs; float
   Conv against ConvLowBit int8 and float accuracy. Claim: ConvLowBit ≤ 1.0× float Conv for the
@@ -32,17 +34,19 @@ JSON document; exits 1 when a claim fails or the native library is not built.
 
 Measured (2026-11-22, quiet 2-core Zen 4 machine, AVX-512 VNNI path, 80 runs)::
 
-    memory bandwidth, 1 thread      21-25 GB/s
-    matmul M=1, 1 thread            lowbit 2-bit 0.320 ms: 0.48x stock b32, 0.81x stock b128,
-                                    float 9.8x slower; 4-bit 0.72x stock; codebook 1.16x uniform
-    matmul M=1, 2 threads           0.61x stock b32, 1.07x stock b128 (claims not met: 22.6 GB/s,
-                                    DRAM-bound, 6 MB against stock b128's 4.5 MB); float 8.3x
-    matmul M=8 / 32, 1 thread       0.29x / 0.25x stock b32, 0.77x / 0.68x stock b128
-    conv 3x3 64@56 / 256@14 (int8)  0.76x / 0.56x float Conv (2 threads 0.71x / 0.71x)
-    conv depthwise (float acc.)     64@56 1.04x, 256@14 1.32x (2 threads 0.32x, 0.86x)
-    hadamard 4096                   71x (M=1), 94x (M=32) faster than the dense MatMul
+    memory bandwidth, 1 thread      23.9 GB/s read, 26.9 GB/s copy
+    matmul M=1, 1 thread            lowbit 2-bit 0.324 ms (16 GB/s): 0.44x stock b32, 0.77x stock
+                                    b128, float 11.9x slower; 4-bit 0.59x stock; codebook 1.43x
+                                    uniform (claim not met: 7 MB against 5 MB)
+    matmul M=1, 2 threads           0.62x stock b32 (claim not met: 17 GB/s; 0.5x needs the
+                                    memory's own 20.6 GB/s), 0.87x stock b128; float 8.9x;
+                                    codebook 1.29x
+    matmul M=8 / 32, 1 thread       0.31x / 0.25x stock b32, 0.80x / 0.66x stock b128
+    conv 3x3 64@56 / 256@14 (int8)  0.57x / 0.46x float Conv (2 threads 0.57x / 0.51x)
+    conv depthwise (float acc.)     64@56 0.58x, 256@14 0.65x (2 threads 0.48x, 0.53x)
+    hadamard 4096                   108x (M=1), 88x (M=32) faster than the dense MatMul
     e2e llama W2 / lite0 W4 / digits W4, lowered (rule) against float, 1 thread:
-                                    0.79x / 0.91x / 1.59x (2 threads 0.89x / 1.08x / 1.68x)
+                                    0.71x / 0.83x / 0.92x (2 threads 0.88x / 0.91x / 0.87x)
 
 Run::
 
@@ -95,9 +99,11 @@ def _io(name: str, shape) -> onnx.ValueInfoProto:
 
 
 def _packed(rng, n: int, k: int, bits: int, block: int, codebook: bool) -> dict[str, np.ndarray]:
+    """Random packed codes and scales; the scales are float16 values, as quantize(scales=auto) writes them."""
     blocks = -(-k // block)
+    scales = rng.random((n, blocks), dtype=np.float32) * 0.02 + 0.001
     arrays = {"W": rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
-              "scales": (rng.random((n, blocks), dtype=np.float32) * 0.02 + 0.001)}
+              "scales": scales.astype(np.float16).astype(np.float32)}
     if codebook:
         arrays["levels"] = np.sort(rng.standard_normal((n, blocks, 1 << bits)).astype(np.float32), axis=-1)
     return arrays
@@ -130,6 +136,17 @@ def matmul_models(rng, m: int) -> dict[str, onnx.ModelProto]:
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def streamed_bytes(model: onnx.ModelProto) -> int:
+    """Weight bytes one call reads: MatMulLowBit's int8 path (x86 AVX-512) keeps uniform scales
+    that are float16 values in 2 bytes each (runtime/native/matmul_internal.h)."""
+    node = model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    half = (node.op_type == "MatMulLowBit" and attrs.get("accuracy") == b"int8" and attrs.get("format") == b"uniform"
+            and library.isa() == "avx512vnni")
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return sum(a.nbytes // 2 if half and name == "scales" else a.nbytes for name, a in arrays.items())
 
 
 def conv_models(rng, channels: int, side: int, kernel: int, group: int, block: int) -> dict[str, onnx.ModelProto]:
@@ -183,7 +200,7 @@ def matmul_section(rng, folder: pathlib.Path, runs: int) -> tuple[dict, dict]:
     result, claims = {}, {}
     for m in MS:
         models = matmul_models(rng, m)
-        bytes_ = {key: weight_bytes(model) for key, model in models.items()}
+        bytes_ = {key: streamed_bytes(model) for key, model in models.items()}
         feed = {"A": rng.standard_normal((m, K)).astype(np.float32)}
         for threads in THREADS:
             t = timed(models, feed, folder, runs, threads)
