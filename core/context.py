@@ -66,6 +66,9 @@ class Context:
     #: show progress bars (the CLI turns them off for --json and non-terminals)
     progress: bool = True
     current: PassRecord | None = None
+    #: the model as the pipeline received it, kept only when a pass asks for it
+    #: (``Pass.wants_input_model``: ``finetune`` distils it into the compressed model)
+    input_model: Any = None
 
     def rng(self, label: str) -> np.random.Generator:
         """A generator seeded from the run's seed and ``label`` (e.g. the pass and node name)."""

@@ -7,4 +7,4 @@ The framework lives in ``base`` (Pass, options, registry), ``pipeline`` (text an
 from lowbit.passes.base import Pass, option, registry  # noqa: F401
 
 # Built-in passes register themselves on import.
-from lowbit.passes import cleanup, equalize, fold_bn, fold_constants, lower, lowrank, prune, quantize, rotate, tucker  # noqa: E402,F401
+from lowbit.passes import cleanup, equalize, finetune, fold_bn, fold_constants, lower, lowrank, prune, quantize, rotate, tucker  # noqa: E402,F401

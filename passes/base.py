@@ -42,6 +42,8 @@ class Pass:
     preserves: ClassVar[Literal["exact", "lossy"]] = "exact"
     #: relative output tolerance for exact passes (max |Δ| / max |reference|)
     tolerance: ClassVar[float] = 1e-5
+    #: the pass reads ``ctx.input_model``, a copy of the model before the pipeline's first pass
+    wants_input_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

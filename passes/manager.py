@@ -144,6 +144,8 @@ def run_passes(model: ir.Model, passes: list[Pass], ctx: Context, *, progress=No
             reference = original = run_feeds(sess, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types
             raise _reference_failure(model, ctx, feeds, exc) from None
+    if any(p.wants_input_model for p in passes):
+        ctx.input_model = model.clone()
     history: list[str] = []
     for p in passes:
         record = PassRecord(name=p.name, pipeline=p.describe(), preserves=p.preserves)
