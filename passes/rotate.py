@@ -40,7 +40,9 @@ Per attention head (``heads=true`` in any mode; ``mode=heads`` does only this), 
     output reaches the o_proj through Transpose/Reshape.
 
 Online mode (``mode=online``), for everything else (post-norm BERT-style models, SwiGLU's
-    down_proj input — QuaRot's R₄ — which ``down=true`` adds in fused mode): before a linear
+    down_proj input — QuaRot's R₄ — which ``down=true`` adds in fused mode, a randomized Hadamard
+    whatever the stream's kind unless ``down_kind=same``, as in QuaRot, SpinQuant and the GSR
+    paper, which replace R₁ and keep R₄ a Hadamard): before a linear
     layer with a constant weight, x·W = (x·H)·(Hᵀ·W) with x·H computed at run time — a MatMul
     with the constant H (``online=matmul``; a 1×1 Conv with weight Hᵀ before a 1×1 Conv), or
     lowbit's ``Hadamard`` op (``online=op``, issue #7's runtime: x·H = Hadamard(x ∘ s) for
@@ -85,6 +87,7 @@ class RotateOptions:
     mode: Literal["fused", "online", "heads"] = option("fused", "fused: rotate a pre-norm residual stream into the weights; online: rotate layer inputs at run time; heads: only each attention head's V/O pair")
     heads: bool = option(True, "also rotate each attention head's V/O pair (exact for any norm placement)")
     down: bool = option(True, "fused mode: also rotate the input of SwiGLU down projections online (QuaRot's R4)")
+    down_kind: Literal["hadamard", "same"] = option("hadamard", "kind of the R4 rotation: a randomized Hadamard (QuaRot, SpinQuant and GSR all keep R4 a Hadamard; it builds widths such as 344 that walsh/gsr cannot), or the same kind as the stream's")
     online: Literal["auto", "op", "matmul"] = option("auto", "how online rotations run: lowbit's Hadamard op, a MatMul with the constant matrix, or auto (the op when the native runtime is available)")
     targets: list[str] = option([], "online mode: names of the linear nodes to rotate (empty: every linear layer with a constant weight)")
 
@@ -148,7 +151,8 @@ class Rotate(Pass):
         edit.heads(heads)
         if opts.mode == "fused":
             edit.fuse(stream)
-        edit.online(online, "down_proj input" if opts.mode == "fused" else "online")
+        edit.online(online, "down_proj input" if opts.mode == "fused" else "online",
+                    kind=opts.kind if opts.mode != "fused" or opts.down_kind == "same" else opts.down_kind)
         common.RemoveUnusedNodesPass()(model)
         ctx.note("layers", edit.report())
         ctx.note("rotations", edit.summary)
@@ -814,7 +818,7 @@ class _Editor:
         return div.outputs[0]
 
     # online rotations -------------------------------------------------------------------------
-    def online(self, targets: list[_Linear], role: str) -> None:
+    def online(self, targets: list[_Linear], role: str, kind: str) -> None:
         groups: dict[int, list[_Linear]] = {}
         for lin in targets:
             groups.setdefault(id(lin.x), []).append(lin)
@@ -822,7 +826,7 @@ class _Editor:
         for members in groups.values():
             x = members[0].x
             k = members[0].shape_kn[0]
-            h = self._online_matrix(k, f"the input '{x.name}' of node '{members[0].label}' (width {k})")
+            h = self._online_matrix(k, kind, f"the input '{x.name}' of node '{members[0].label}' (width {k})")
             rotated = self._insert_online(x, k, members)
             for lin in members:
                 self._remember(lin, role)
@@ -833,13 +837,13 @@ class _Editor:
             self.summary[f"online_{role.replace(' ', '_')}"] = count
             self.changed = True
 
-    def _online_matrix(self, k: int, where: str) -> np.ndarray:
+    def _online_matrix(self, k: int, kind: str, where: str) -> np.ndarray:
         """One rotation per width, shared by every online site of that width (its constants are
         stored once): (s, A, B) with H = diag(s)·(A ⊗ B), see ``rotations.factored``."""
         if k not in self._online:
             try:
-                group = min(self.opts.group, k) if self.opts.kind == "gsr" else None
-                s, a, b = rotations.factored(self.opts.kind, k, self.ctx.rng(f"rotate:online:{k}"), group=group,
+                group = min(self.opts.group, k) if kind == "gsr" else None
+                s, a, b = rotations.factored(kind, k, self.ctx.rng(f"rotate:online:{k}"), group=group,
                                              signs=self.opts.signs)
             except UserError as exc:
                 raise UserError(f"{where}: {exc}") from None

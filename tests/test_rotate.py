@@ -10,7 +10,8 @@
   (post-norm, so fused mode is refused) and on 1×1 Convs and Gemms built here;
 * with #3's quantizer: the tiny LLaMA's bits/byte damage at W4 block 32 RTN shrinks with
   ``rotate(kind=hadamard)`` (by 25 % over 8 seeds on the whole held-out text, ≥ 20 % asserted;
-  the issue asks 30 %); at W2 GPTQ gsr ties hadamard; MiniLM W4 per-channel RTN gets closer to
+  the issue asks 30 %); at W2 GPTQ (R4 a Hadamard for every kind, as in the GSR paper) gsr is not
+  worse than hadamard; MiniLM W4 per-channel RTN gets closer to
   float with online rotation.
 """
 
@@ -122,7 +123,7 @@ def llama_tokens():
     return evaluate.heldout_windows()[:8, :128]
 
 
-@pytest.mark.parametrize("options", ["kind=hadamard", "kind=walsh,down=false", "kind=gsr,group=32,down=false",
+@pytest.mark.parametrize("options", ["kind=hadamard", "kind=walsh,down=false", "kind=gsr,group=32,down=false", "kind=gsr,group=32",
                                      "kind=random", "kind=hadamard,heads=false,down=false"])
 def test_fused_llama_exact(tmp_path, llama_tokens, options):
     src, out = demo.model_path("llama"), tmp_path / "rot.onnx"
@@ -296,7 +297,7 @@ def test_fused_refuses_a_cnn(run_cli, tiny_path):
 
 def test_dimension_the_kind_cannot_build(run_cli, tmp_path):
     src = demo.model_path("llama")
-    line = refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "rotate(kind=walsh)",
+    line = refused(run_cli, tmp_path, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "rotate(kind=walsh,down_kind=same)",
                    match="344")
     assert "of node 'node_linear_" in line and "kind=hadamard" in line and "kind=random" in line
 
@@ -316,17 +317,19 @@ def test_unknown_target_and_bad_group(run_cli, tmp_path):
             match="group")
 
 
-def test_llama_w2_gptq_gsr_ties_hadamard(tmp_path):
+def test_llama_w2_gptq_gsr_not_worse_than_hadamard(tmp_path):
     """W2 block 64 GPTQ (64 of 128 calibration windows): grouped sequency-ordered blocks matched to
-    the quantization block against a full randomized Hadamard, and both against no rotation.
+    the quantization block against a full randomized Hadamard on the residual stream (R1), and both
+    against no rotation. As in the GSR paper (GSR replaces R1 only), both keep QuaRot's R4 before
+    the down projections a randomized Hadamard (``down_kind=hadamard``, the default).
 
-    Measured damage in bits/byte over float (1.7164, the whole held-out text): none +0.2468;
-    seeds 0–3: hadamard +0.2550 / +0.2177 / +0.2623 / +0.2391 (mean +0.2435), gsr +0.2555 /
-    +0.2420 / +0.2312 / +0.2585 (mean +0.2468), random mean +0.2625. On this model neither
-    rotation removes W2 GPTQ's damage beyond the seed spread (±0.02), and GSR ties the Hadamard
-    rather than beating it. (The first third of the text alone had shown 9.5–14 % less damage.)
-    The test asserts the tie at seed 0 (within 0.013, about half the spread) and that rotating
-    before GPTQ costs at most 10 % more damage (measured +3.3 % / +3.5 %).
+    Measured bits/byte on the whole held-out text (float 1.7164): none 1.9632; seeds 0–3:
+    gsr 1.9127 / 1.9227 / 1.9141 / 1.9143 (mean 1.9160), hadamard 1.9140 / 1.9076 / 1.9165 /
+    1.9308 (mean 1.9172), walsh mean 1.9217, random mean 1.9221. GSR is not worse than the
+    Hadamard (a tie within the ±0.01 seed spread, with less spread of its own), and every kind
+    removes about a fifth of GPTQ's damage. Without R4 (``down=false``) no kind beat the seed
+    spread: hadamard mean 1.9599, gsr 1.9632. The test runs seed 0: gsr ≤ hadamard + 0.005
+    (measured −0.0013), and each rotation leaves ≤ 0.85 of the unrotated damage (0.795, 0.800).
     """
     train, _ = data.text_split()
     text = np.frombuffer(train, dtype=np.uint8)
@@ -335,17 +338,16 @@ def test_llama_w2_gptq_gsr_ties_hadamard(tmp_path):
     np.savez(calib, tokens=np.stack([text[s:s + 128] for s in starts]).astype(np.int64))
     quant = "quantize(weights=2,block=64,method=gptq,samples=64)"
     scores = {}
-    for kind, rotation in (("none", ""), ("hadamard", "rotate(kind=hadamard,down=false),"),
-                           ("gsr", "rotate(kind=gsr,group=64,down=false),")):
+    for kind, rotation in (("none", ""), ("hadamard", "rotate(kind=hadamard),"), ("gsr", "rotate(kind=gsr,group=64),")):
         out = tmp_path / f"{kind}.onnx"
         compress(demo.model_path("llama"), out, f"{rotation}{quant}", calib=str(calib), progress=False, verify=False)
         scores[kind] = evaluate.llama_bits_per_byte(str(out), max_bytes=None)
     print(scores)
     float_bpb = evaluate.llama_bits_per_byte(str(demo.model_path("llama")), max_bytes=None)
     assert scores["none"] - float_bpb > 0.2
-    assert scores["gsr"] <= scores["hadamard"] + 0.013
+    assert scores["gsr"] <= scores["hadamard"] + 0.005
     for kind in ("hadamard", "gsr"):
-        assert scores[kind] - float_bpb <= 1.1 * (scores["none"] - float_bpb)
+        assert scores[kind] - float_bpb <= 0.85 * (scores["none"] - float_bpb)
 
 
 def test_online_rotation_survives_an_opset_upgrade(tmp_path):
