@@ -30,7 +30,7 @@ than the one it received (it then reports ``kept: "input"``).
 
 Numbers (``tests/test_finetune.py``, ``python benchmarks/lowrank.py``): the digits CNN after
 ``tucker(rank=vbmf)`` (0.22× MACs) has top-1 0.665 with the closed-form refit; ``finetune`` with
-the defaults brings it to 0.9944 (seeds 0–4: 0.9870–0.9963; float 0.9963) in about 35 s on 2
+the defaults brings it to 0.9926 (seeds 0–4: 0.9889–0.9963; float 0.9963) in about 40 s on 2
 cores (12 ms a step). Cost grows with the model: jax on CPU takes about 2 s a step of 8
 EfficientNet-Lite0 crops (XLA differentiates depthwise convolutions slowly; ``core.jaxgraph``
 writes them as shifted products, 5× faster).

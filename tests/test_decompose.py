@@ -8,12 +8,14 @@ Measured when written (onnxruntime 1.31, 2 shared CPU cores):
 * digits CNN (float top-1 0.9963 on 540 held-out digits), 256 calibration digits:
   ``tucker(budget=macs:0.6)`` → 0.58 of the MACs, top-1 0.9963 with refit, 0.9870 without;
   ``tucker(rank=vbmf)`` → ranks 10–17 of 32 (data-aware EVBMF), 0.22 of the MACs, top-1 0.665
-  with refit and 0.096 without — the issue's "within 1 pt" is *not* met with VBMF ranks on this
-  model (its weight spectra are flat: plain EVBMF on the weights calls almost every layer noise,
-  rank 0–2); a MAC budget is how to hold accuracy here.
+  with refit and 0.096 without — the closed-form refit alone does not hold VBMF ranks within
+  1 pt on this model (its weight spectra are flat: plain EVBMF on the weights calls almost every
+  layer noise, rank 0–2); a MAC budget does, and so does the seed paper's third step, fine-tuning
+  (``finetune``, tests/test_finetune.py: 0.99).
 * EfficientNet-Lite0 ``tucker(budget=macs:0.7,linear=true)`` with 64 calibration crops: 0.70 of
-  the MACs, top-1 agreement with float 0.87–0.895 on the 200 crops (the issue's bar is 0.90;
-  ±2 pt is one standard error on 200 crops); about 45 s.
+  the MACs, top-1 agreement with float 0.87–0.895 on the 200 crops (±2 pt is one standard error
+  on 200 crops); about 45 s. The issue's 0.90 is reached with ``finetune`` after it (0.91 on 256
+  crops, 13 min: ``benchmarks/lowrank.py``, too slow for this suite).
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ def test_lite0_budget(lite0_path, tmp_path):
     assert skipped.count("depthwise convolution") == 16
     images = imagenet_eval.eval_crops()
     agreement = imagenet_eval.top1_agreement(imagenet_eval.logits(lite0_path, images), imagenet_eval.logits(out, images))
-    assert agreement >= 0.85, agreement  # measured 0.87–0.895; the issue's bar 0.90 is not met
+    assert agreement >= 0.85, agreement  # measured 0.87–0.895; 0.91 with finetune (benchmarks/lowrank.py)
 
 
 # --------------------------------------------------------------------------------------------

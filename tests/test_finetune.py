@@ -4,10 +4,12 @@ Measured when written (2 shared cores, jax 0.10 on CPU):
 
 * ``core.jaxgraph`` against onnxruntime, relative: digits CNN 1e-7, EfficientNet-Lite0 (49 Convs,
   16 depthwise, Pad/Clip/Shape/Reshape) 1e-6, tiny LLaMA (Slice/Transpose/Softmax/Gather…) 1e-6.
-* digits CNN, ``fold-bn,tucker(rank=vbmf),finetune`` (256 calibration digits, 3000 steps, 35 s):
-  top-1 0.9944 at seed 0 against float 0.9963 (seeds 0–4: 0.9944, 0.9926, 0.9889, 0.9963,
-  0.9870), where the closed-form refit alone gives 0.665 — the issue's "within 1 pt of float" at
-  the VBMF ranks (0.22× the MACs). 1500 steps: 0.9907 / 0.9833 / 0.9833 at seeds 0–2.
+* digits CNN, ``fold-bn,tucker(rank=vbmf),finetune`` (256 calibration digits, 3000 steps, 40 s):
+  top-1 0.9926 at seed 0 against float 0.9963 (seeds 0–4: 0.9926, 0.9944, 0.9963, 0.9889,
+  0.9963), where the closed-form refit alone gives 0.665 — the issue's "within 1 pt of float" at
+  the VBMF ranks (0.22× the MACs). Without mixup 0.972–0.978; 1500 steps: 0.983–0.991.
+* EfficientNet-Lite0 after ``tucker(budget=macs:0.7,linear=true)``: 0.895 → 0.91 agreement with
+  ``finetune(steps=200,batch=8,lr=5e-5,mix=0)`` on 256 crops (13 min; ``benchmarks/lowrank.py``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def test_digits_vbmf_ranks_held_within_one_point_by_finetune(tmp_path):
     notes = pass_notes(ctx, "finetune")
     assert notes["held_out_loss"]["after"] <= 0.2 * notes["held_out_loss"]["before"], notes["held_out_loss"]
     top1 = digits_top1_of(model, tmp_path)
-    assert top1 >= float_top1 - 0.01, (top1, float_top1)  # measured 0.9944 against 0.9963
+    assert top1 >= float_top1 - 0.01, (top1, float_top1)  # measured 0.9926 against 0.9963
 
 
 def test_same_seed_same_bytes_and_the_model_only_improves(tmp_path):
