@@ -150,6 +150,7 @@ class TargetOrt:
 
     preserves = "lossy"  # exact except MatMulNBits level 4 → MatMulLowBit int8 (module docstring)
     tolerance = 1e-5
+    wants_input_model = False
 
     def __init__(self, target: Target | str):
         self.target = parse(target) if isinstance(target, str) else target

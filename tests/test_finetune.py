@@ -101,6 +101,24 @@ def test_same_seed_same_bytes_and_the_model_only_improves(tmp_path):
     assert first == second
 
 
+def test_train_changed_trains_only_what_the_pipeline_changed():
+    """After a Tucker-2 of the five convs and no refit, the changed weights are the new factors and
+    the cores (the last factors reuse the original node and bias); the Gemm is untouched."""
+    original = io.load(demo.model_path("digits"))
+    gemm_weights = {v.name: v.const_value.numpy().copy() for n in original.graph if n.op_type == "Gemm"
+                    for v in n.inputs[1:] if v is not None}
+    model = io.load(demo.model_path("digits"))
+    calib = digits_calibration(model, batch=64)
+    pipeline = "fold-bn,tucker(rank=ratio:0.5,refit=false),finetune(steps=30{})"
+    ctx = run_pipeline(model, pipeline.format(",train=changed"), calib=calib)
+    notes = pass_notes(ctx, "finetune")
+    assert notes["held_out_loss"]["after"] < notes["held_out_loss"]["before"]
+    everything = run_pipeline(io.load(demo.model_path("digits")), pipeline.format(""), calib=calib)
+    assert 0 < notes["trained"]["weights"] < pass_notes(everything, "finetune")["trained"]["weights"]
+    after = model.graph.initializers
+    assert gemm_weights and all(np.array_equal(a, after[name].const_value.numpy()) for name, a in gemm_weights.items())
+
+
 def test_nothing_to_gain_keeps_the_input_weights():
     """Student = teacher: the held-out loss starts at 0, so the input weights are kept."""
     model = io.load(demo.model_path("digits"))
