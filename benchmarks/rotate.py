@@ -2,7 +2,7 @@
 
 * tiny LLaMA, bits/byte on the held-out text (``evaluate.llama_bits_per_byte``), float vs
   W4 block 32 RTN — plain min/max and the default MSE-clipped — with and without
-  ``rotate(kind=hadamard)`` (seeds 0–7), and W2 block 64 GPTQ (64 calibration windows) with no
+  ``rotate(kind=hadamard)`` (seeds 0–7; for plain RTN also ``kind=gsr,group=32``), and W2 block 64 GPTQ (64 calibration windows) with no
   rotation and with each kind side by side, each rotated row the mean of seeds 0–3. Every kind
   rotates the residual stream (R1) and the V/O pairs (R2) and adds QuaRot's R4 before the down
   projections as a randomized Hadamard (``down_kind=hadamard``, the default: walsh/gsr cannot
@@ -86,6 +86,10 @@ def llama_quality(folder: pathlib.Path, skip_w2: bool) -> dict:
             "none": plain, "hadamard_by_seed": rotated,
             "damage_reduction": round(1 - (np.mean(rotated) - result["float"]) / (plain - result["float"]), 3),
         }
+        if label == "w4_plain_rtn":  # not the claim (it names hadamard): GSR matched to the block
+            grouped = [bpb(src, folder, f"{label}_gsr", f"rotate(kind=gsr,group=32),{quant}", seed=seed) for seed in SEEDS]
+            result[label]["gsr_group32_by_seed"] = grouped
+            result[label]["gsr_damage_reduction"] = round(1 - (np.mean(grouped) - result["float"]) / (plain - result["float"]), 3)
     if not skip_w2:
         calib = llama_calib(folder)
         w2 = {}
