@@ -15,7 +15,7 @@ Measured when written (onnxruntime 1.31, 2 shared CPU cores):
 * EfficientNet-Lite0 ``tucker(budget=macs:0.7,linear=true)`` with 64 calibration crops: 0.70 of
   the MACs, top-1 agreement with float 0.87–0.895 on the 200 crops (±2 pt is one standard error
   on 200 crops); about 45 s. The issue's 0.90 is reached with ``finetune`` after it (0.91 on 256
-  crops, 13 min: ``benchmarks/lowrank.py``, too slow for this suite).
+  crops, 9.5 min: ``benchmarks/lowrank.py``, too slow for this suite).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Measured when written (2 shared cores, jax 0.10 on CPU):
   0.9963), where the closed-form refit alone gives 0.665 — the issue's "within 1 pt of float" at
   the VBMF ranks (0.22× the MACs). Without mixup 0.972–0.978; 1500 steps: 0.983–0.991.
 * EfficientNet-Lite0 after ``tucker(budget=macs:0.7,linear=true)``: 0.895 → 0.91 agreement with
-  ``finetune(steps=200,batch=8,lr=5e-5,mix=0)`` on 256 crops (13 min; ``benchmarks/lowrank.py``).
+  ``finetune(steps=200,batch=8,lr=5e-5,mix=0)`` on 256 crops (9.5 min; ``benchmarks/lowrank.py``).
 """
 
 from __future__ import annotations
