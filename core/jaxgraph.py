@@ -226,7 +226,7 @@ def _pad(node, inputs):
         raise UserError(f"node '{node.name}' (Pad) uses mode '{mode}'; finetune handles constant padding only")
     x = inputs[0]
     pads = _ints(inputs[1]) if len(inputs) > 1 else _ints(_attr(node, "pads"))
-    value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else 0.0
+    value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else _attr(node, "value", 0.0)  # opset < 11: attribute
     axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(x.ndim))
     width = [(0, 0)] * x.ndim
     half = len(pads) // 2
@@ -369,6 +369,17 @@ def check_supported(graph: ir.Graph, what: str) -> None:
             raise UserError(f"{what}: node '{node.name}' ({node.op_type}) uses ceil_mode=1, which is not handled")
 
 
+def _constant(node: ir.Node) -> np.ndarray:
+    """The value of a Constant node, whichever attribute holds it."""
+    (name, attr), = node.attributes.items()
+    if name == "value":
+        return attr.value.numpy()
+    dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}.get(name)
+    if dtype is None:
+        raise UserError(f"node '{node.name}' (Constant) holds its value as {name}, which finetune does not read")
+    return np.asarray(attr.value, dtype=dtype)
+
+
 class GraphFunction:
     """``f(params, feed) -> list of outputs`` for ``graph``: ``params`` maps initializer names to
     (traced) arrays and replaces those initializers; every other initializer is a numpy constant."""
@@ -386,7 +397,7 @@ class GraphFunction:
         env.update(feed)
         for node in self.nodes:
             if node.op_type == "Constant":
-                env[node.outputs[0].name] = node.attributes["value"].value.numpy()
+                env[node.outputs[0].name] = _constant(node)
                 continue
             args = [None if v is None else env[v.name] for v in node.inputs]
             result = RULES[node.op_type](node, args)

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import jax
+import onnx
 import pytest
 
 from helpers import array_calibration, digits_calibration, digits_top1_of, pass_notes, refused, run_pipeline
@@ -68,6 +69,27 @@ def test_jaxgraph_matches_onnxruntime_on_tiny_llama():
     text = np.frombuffer(data.text_split()[1][:4 * 64], dtype=np.uint8).astype(np.int64).reshape(4, 64)
     feed = {model.graph.inputs[0].name: text}
     assert _rel(_jax_outputs(model, {k: v.astype(np.int32) for k, v in feed.items()})[0], _ort(model, feed)[0]) <= 1e-4
+
+
+def test_jaxgraph_reads_every_constant_form():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    nodes = [
+        onnx.helper.make_node("Constant", [], ["a"], value_float=2.0),
+        onnx.helper.make_node("Constant", [], ["b"], value_floats=[1.0, -1.0, 0.5]),
+        onnx.helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.full((2, 1), 3.0, np.float32))),
+        onnx.helper.make_node("Constant", [], ["shape"], value_ints=[3, 2]),
+        onnx.helper.make_node("Mul", ["x", "a"], ["xa"]),
+        onnx.helper.make_node("Add", ["xa", "b"], ["xb"]),
+        onnx.helper.make_node("Sub", ["xb", "c"], ["xc"]),
+        onnx.helper.make_node("Reshape", ["xc", "shape"], ["r"]),
+        onnx.helper.make_node("Reshape", ["r", "back"], ["y"]),
+    ]
+    back = onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "back")
+    graph = onnx.helper.make_graph(nodes, "constants", [x], [y], initializer=[back])
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10))
+    feed = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    assert _rel(_jax_outputs(model, feed)[0], _ort(model, feed)[0]) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------------
