@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "rotate_time_llama": rotate_time(demo.model_path("llama"), "rotate"),
         "minilm": minilm_costs(args.cache),
     }
-    claims = {"w4_damage_reduction_ge_30pct": quality["w4_plain_rtn"]["damage_reduction"] >= 0.30,
-              "rotate_22m_le_10s": result["minilm"]["rotate_online"]["seconds"] <= 10}
+    claims = {"w4_damage_reduction_ge_30pct": bool(quality["w4_plain_rtn"]["damage_reduction"] >= 0.30),
+              "rotate_22m_le_10s": bool(result["minilm"]["rotate_online"]["seconds"] <= 10)}
     if "w2_block64_gptq" in quality:
-        claims["w2_gsr_not_worse_than_hadamard"] = quality["w2_block64_gptq"]["gsr"] <= quality["w2_block64_gptq"]["hadamard"]
+        claims["w2_gsr_not_worse_than_hadamard"] = bool(quality["w2_block64_gptq"]["gsr"] <= quality["w2_block64_gptq"]["hadamard"])
     result["claims"] = claims
     print(json.dumps(result, indent=2, default=str))
     return 0 if all(claims.values()) else 1
