@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.core.errors import UserError
+from lowbit.passes.edit import attribute as _attr
 
 
 def _jnp():
@@ -36,16 +37,6 @@ def _concrete(values) -> bool:
 
 def _xp(values):
     return np if _concrete(values) else _jnp()
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    if attr is None:
-        return default
-    value = attr.value
-    if isinstance(value, ir.TensorProtocol):
-        return value.numpy()
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _ints(value) -> list[int]:

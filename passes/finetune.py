@@ -53,6 +53,10 @@ _WEIGHT_INPUTS = {
     "Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "Gather": (0,),
 }
+#: the element types finetune trains and whose outputs it compares
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+#: samples the teacher labels, and the held-out loss is measured on, per call (without a fixed batch)
+CHUNK = 256
 #: every HOLD_OUT-th calibration sample is held out for the checkpoint choice
 HOLD_OUT = 8
 #: held-out evaluations over a run (the checkpoint's resolution)
@@ -95,7 +99,7 @@ def trainable(graph: ir.Graph) -> dict[str, ir.Value]:
         for index in _WEIGHT_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
             value = node.inputs[index] if index < len(node.inputs) else None
             if (value is not None and value.name in graph.initializers and value.const_value is not None
-                    and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+                    and value.dtype in _FLOATS
                     and value.const_value.size > 1):
                 found[value.name] = value
     return found
@@ -141,7 +145,7 @@ class Finetune(Pass):
         student, teacher = GraphFunction(model.graph), GraphFunction(ctx.input_model.graph)
         teacher_params = {n: jnp.asarray(a) for n, a in teacher.constants.items()
                           if np.issubdtype(a.dtype, np.floating) and a.size > 1}
-        float_out = [i for i, v in enumerate(ctx.input_model.graph.outputs) if v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)]
+        float_out = [i for i, v in enumerate(ctx.input_model.graph.outputs) if v.dtype in _FLOATS]
 
         data = _samples(ctx, o.samples)
         n = len(next(iter(data.values())))
@@ -154,8 +158,11 @@ class Finetune(Pass):
 
         label = jax.jit(lambda p, feed: [teacher(p, feed)[i] for i in float_out])
         eval_idx = held_idx if len(held_idx) >= (fixed or 1) else train_idx
-        held_targets = _labelled(label, teacher_params, data, eval_idx, fixed)
-        scale = [max(float(np.mean(t.astype(np.float64) ** 2)), 1e-30) for t in held_targets]
+        chunks = _chunks(eval_idx, fixed)
+        held_feeds = [{k: a[part] for k, a in data.items()} for part in chunks]
+        held_targets = [[np.asarray(t) for t in label(teacher_params, feed)] for feed in held_feeds]
+        scale = [max(float(np.mean(np.concatenate([c[i] for c in held_targets]).astype(np.float64) ** 2)), 1e-30)
+                 for i in range(len(float_out))]
 
         def loss(params, feed, targets):
             outs = student(params, feed)
@@ -171,17 +178,12 @@ class Finetune(Pass):
 
         step = jax.jit(step)
         held_loss = jax.jit(loss)
-        size = fixed or 256
-        chunks = range(0, len(eval_idx) - (size - 1 if fixed else 0), size)
 
         def evaluate(params) -> float:
             """The loss on the held-out samples (chunk-weighted mean)."""
-            total = 0.0
-            for s in chunks:
-                part = eval_idx[s:s + size]
-                total += len(part) * float(held_loss(params, {k: a[part] for k, a in data.items()},
-                                                     [t[s:s + size] for t in held_targets]))
-            return total / sum(len(eval_idx[s:s + size]) for s in chunks)
+            total = sum(len(part) * float(held_loss(params, feed, targets))
+                        for part, feed, targets in zip(chunks, held_feeds, held_targets))
+            return total / sum(len(part) for part in chunks)
 
         params = {name: jnp.asarray(v.const_value.numpy().astype(np.float32)) for name, v in weights.items()}
         m = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -238,10 +240,7 @@ def _changed(value: ir.Value, before: ir.Value | None) -> bool:
     return a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b)
 
 
-def _labelled(label, params, data: dict, index: np.ndarray, fixed: int | None) -> list[np.ndarray]:
-    """The teacher's float outputs on ``data[index]``, run in chunks of 256 samples (of the
-    model's fixed batch, dropping a last partial one)."""
-    size = fixed or 256
-    parts = [label(params, {k: a[index[s:s + size]] for k, a in data.items()})
-             for s in range(0, len(index), size) if not fixed or s + size <= len(index)]
-    return [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
+def _chunks(index: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """``index`` in runs of CHUNK samples, or of the model's fixed batch (a last partial one dropped)."""
+    size = fixed or CHUNK
+    return [index[s:s + size] for s in range(0, len(index), size) if not fixed or s + size <= len(index)]
