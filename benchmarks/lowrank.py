@@ -139,6 +139,9 @@ def _summary(report: dict) -> dict:
             "kept": sum("refit" not in row for row in rows), "rejected": sum("refit" in row for row in rows),
             "mean_output_error_before": round(float(np.mean([r["output_error_before_refit"] for r in rows])), 4),
             "mean_output_error_after": round(float(np.mean([r["output_error"] for r in rows])), 4)}
+    if any(p.get("name") == "finetune" for p in report["passes"]):
+        tuned = _pass_record(report, "finetune")
+        result["finetune"] = {"seconds": round(tuned["seconds"], 1), "held_out_loss": tuned["notes"]["held_out_loss"]}
     return result
 
 
@@ -205,9 +208,7 @@ def lite0(cache: pathlib.Path, folder: pathlib.Path, blas_threads: int, skip_fin
         row = {"pipeline": pipeline, "calibration": with_calib, **_summary(report),
                "pass_seconds": round(_pass_record(report, "tucker")["seconds"], 2), "top1_agreement": agreement}
         if "finetune" in pipeline:
-            tuned = _pass_record(report, "finetune")
             row["calibration_crops"] = LITE0_FINETUNE_CROPS
-            row["finetune"] = {"seconds": round(tuned["seconds"], 1), "held_out_loss": tuned["notes"]["held_out_loss"]}
         return row
 
     vbmf = run("vbmf", LITE0_COST, False)  # BLAS at the library's default threads, as a user runs it
@@ -237,9 +238,6 @@ def digits(folder: pathlib.Path) -> dict:
         notes = _decompose_notes(report)
         result[name] = {"pipeline": pipeline, "top1": round(evaluate.digits_top1(str(out)), 4), **_summary(report),
                         "layers": {layer["node"]: layer["ranks"] for layer in notes.get("layers", [])}}
-        if "finetune" in pipeline:
-            tuned = _pass_record(report, "finetune")
-            result[name]["finetune"] = {"seconds": round(tuned["seconds"], 1), "held_out_loss": tuned["notes"]["held_out_loss"]}
     return result
 
 
