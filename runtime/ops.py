@@ -19,7 +19,10 @@ padded columns hold any code and are never read — they multiply nothing).
 ``scales``  float32 ``[N, blocks]``, finite (a NaN or infinite scale is an error).
 ``zero_points``  uint8 ``[N, blocks]``, one unpacked byte per block, each < 2^bits; optional;
        ``format=uniform`` only. Absent: every zero point is 2^(bits−1) (a symmetric grid).
-``levels``  float32 ``[N, blocks, 2^bits]``; required for ``format=codebook``, refused otherwise.
+``levels``  float32 ``[N, blocks, 2^bits]`` (a table per block) or ``[N, 1, 2^bits]`` (one table
+       per row, which every block of the row scales by its ``scales``: the codebook then streams
+       the bytes of the uniform format); required for ``format=codebook``, refused otherwise.
+       Below, ``levels[n, b]`` of a ``[N, 1, 2^bits]`` table is ``levels[n, 0]``.
 
 Decoded weight (the reference's exact float32 arithmetic)::
 
@@ -38,7 +41,7 @@ Decoded weight (the reference's exact float32 arithmetic)::
   ``w_int = rint(levels[n, b, code] · 127 / lmax)`` and the block's scale multiplied by
   ``lmax / 127`` and rounded to the nearest float16 value when it lies in float16's normal range
   [2^-14, 65504] (a relative change ≤ 2^-11, far below the table's own rounding; the kernels then
-  keep it in 2 bytes), lmax = max |levels[n, b, :]| (one int8 table per block). ``rint`` rounds
+  keep it in 2 bytes), lmax = max |levels[n, b, :]| (one int8 table per block, or per row). ``rint`` rounds
   half to even. This is what onnxruntime's MatMulNBits does at accuracy_level 4, and what VNNI
   runs fast.
 

@@ -3,7 +3,8 @@
 Everything here follows :mod:`lowbit.runtime.ops` to the letter, in float32:
 
 * decoding: uniform Ŵ[n, k] = (code − zp[n, b])·scales[n, b], codebook Ŵ[n, k] =
-  levels[n, b, code]·scales[n, b], b = k // block_size; the padded columns of the last block are
+  levels[n, b, code]·scales[n, b] (levels[n, 0, code] for a [N, 1, 2^bits] row table),
+  b = k // block_size; the padded columns of the last block are
   never read (they multiply nothing);
 * ``accuracy="float"``: y = A·Ŵᵀ in float32;
 * ``accuracy="int8"``: per row of A and block b, amax = max |a_k|, q = rint(a·(127/amax))
@@ -111,7 +112,8 @@ def check_weight(W, scales, zero_points, levels, bias, *, K, N, bits, block_size
     if format == "codebook":
         if levels is None:
             raise ValueError("input 'levels' is required with format=codebook")
-        _check_array("levels", levels, np.float32, (N, blocks, 1 << bits))
+        shared = isinstance(levels, np.ndarray) and levels.ndim == 3 and levels.shape[1] == 1
+        _check_array("levels", levels, np.float32, (N, 1 if shared else blocks, 1 << bits))
         if not np.all(np.isfinite(levels)):
             raise ValueError("input 'levels' holds NaN or infinite values")
     _check_array("bias", bias, np.float32, (N,))
@@ -168,11 +170,17 @@ def _block_of(K: int, block_size: int) -> np.ndarray:
     return np.arange(K) // block_size
 
 
+def _per_block(levels: np.ndarray, blocks: int) -> np.ndarray:
+    """levels [N, blocks, 2^bits] as given, or a row table [N, 1, 2^bits] repeated for every block."""
+    return np.broadcast_to(levels, (levels.shape[0], blocks, levels.shape[2]))
+
+
 def _decode(W, scales, zero_points, levels, K, bits, block_size, format) -> np.ndarray:
     codes = unpack(W, K, bits, block_size)
     b = _block_of(K, block_size)
     if format == "codebook":
         rows = np.arange(codes.shape[0])[:, None]
+        levels = _per_block(levels, scales.shape[1])
         return (levels[rows, b[None, :], codes] * scales[:, b]).astype(_F32)
     zp = _zero_points(zero_points, scales.shape, bits)
     return ((codes.astype(_F32) - zp[:, b].astype(_F32)) * scales[:, b]).astype(_F32)
@@ -189,6 +197,7 @@ def _int8_weight(W, scales, zero_points, levels, K, bits, block_size, format):
     blocks = ops.blocks(K, block_size)
     b = _block_of(K, block_size)
     if format == "codebook":
+        levels = _per_block(levels, blocks)
         lmax = np.abs(levels).max(axis=2)  # [N, blocks]
         safe = np.where(lmax > 0, lmax, _F32(1))
         table = np.rint(levels * (_F32(127) / safe)[:, :, None]).astype(_F32)

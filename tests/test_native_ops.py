@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def weight(rng, N, K, *, bits, block_size, format="uniform", zero_points=True):
-    """Random packed inputs (W, scales, zero_points, levels) for a canonical W[N, K]."""
+    """Random packed inputs (W, scales, zero_points, levels) for a canonical W[N, K]; format
+    "codebook_row" is a codebook with one table per row (levels [N, 1, 2^bits])."""
     blocks = ops.blocks(K, block_size)
     codes = rng.integers(0, 1 << bits, size=(N, K))
     W = reference.pack(codes, bits, block_size)
@@ -37,8 +38,9 @@ def weight(rng, N, K, *, bits, block_size, format="uniform", zero_points=True):
     zp = levels = None
     if format == "uniform" and zero_points:
         zp = rng.integers(0, 1 << bits, size=(N, blocks)).astype(np.uint8)
-    if format == "codebook":
-        levels = np.sort(rng.normal(size=(N, blocks, 1 << bits)), axis=-1).astype(np.float32)
+    if format.startswith("codebook"):
+        tables = 1 if format == "codebook_row" else blocks
+        levels = np.sort(rng.normal(size=(N, tables, 1 << bits)), axis=-1).astype(np.float32)
     return W, scales, zp, levels
 
 
@@ -85,7 +87,7 @@ def matmul_case(rng, *, M=3, K=75, N=9, bits=4, block_size=32, format="uniform",
     W, scales, zp, levels = weight(rng, N, K, bits=bits, block_size=block_size, format=format, zero_points=zero_points)
     inputs = {"W": W, "scales": scales, "zero_points": zp, "levels": levels,
               "bias": rng.normal(size=N).astype(np.float32) if bias else None}
-    attrs = dict(K=K, N=N, bits=bits, block_size=block_size, format=format, accuracy=accuracy)
+    attrs = dict(K=K, N=N, bits=bits, block_size=block_size, format=format.split("_")[0], accuracy=accuracy)
     A = rng.normal(size=(M, K) if isinstance(M, int) else (*M, K)).astype(np.float32)
     return A, inputs, attrs
 
@@ -176,6 +178,16 @@ def test_levels_with_uniform_format():
     inputs["levels"] = np.zeros((9, 3, 16), np.float32)
     message = run_error(model("MatMulLowBit", A, inputs, attrs, name="mm"), {"A": A})
     assert "MatMulLowBit node 'mm': input 'levels' is given but format is 'uniform'" in message
+
+
+def test_levels_of_the_wrong_shape():
+    rng = np.random.default_rng(12)
+    A, inputs, attrs = matmul_case(rng, format="codebook")  # K = 75: 3 blocks of 32
+    inputs["levels"] = inputs["levels"][:, :2]
+    message = run_error(model("MatMulLowBit", A, inputs, attrs, name="cb"), {"A": A})
+    assert "MatMulLowBit node 'cb': input 'levels' has shape [9, 2, 16], expected [9, 3, 16]" in message
+    with pytest.raises(ValueError, match=r"input 'levels' has shape \[9, 2, 16\], expected \[9, 3, 16\]"):
+        reference.matmul_lowbit(A, *(inputs[k] for k in ("W", "scales", "zero_points", "levels", "bias")), **attrs)
 
 
 def test_codebook_without_levels():
@@ -274,7 +286,7 @@ def _compare_matmul(rng, *, K, N, bits, block_size, format, accuracy, M=(2, 3), 
 
 
 @pytest.mark.parametrize("accuracy", ["float", "int8"])
-@pytest.mark.parametrize("format", ["uniform", "codebook"])
+@pytest.mark.parametrize("format", ["uniform", "codebook", "codebook_row"])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("block_size", ops.BLOCK_SIZES)
 def test_matmul_matches_reference(block_size, bits, format, accuracy):
@@ -288,8 +300,9 @@ def test_matmul_matches_reference(block_size, bits, format, accuracy):
 def test_matmul_threads_and_non_constant_weights(threads, constant):
     rng = np.random.default_rng(threads + 2 * constant)
     for accuracy in ("float", "int8"):
-        _compare_matmul(rng, K=333, N=257, bits=2, block_size=32, format="uniform", accuracy=accuracy, M=(5,),
-                        threads=threads, constant=constant)
+        for format in ("uniform", "codebook_row"):
+            _compare_matmul(rng, K=333, N=257, bits=2, block_size=32, format=format, accuracy=accuracy, M=(5,),
+                            threads=threads, constant=constant)
 
 
 def test_matmul_without_zero_points_and_bias():
@@ -328,7 +341,7 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("accuracy", ["float", "int8"])
-@pytest.mark.parametrize("format", ["uniform", "codebook"])
+@pytest.mark.parametrize("format", ["uniform", "codebook", "codebook_row"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
 def test_conv_matches_reference(case, format, accuracy):
     B, C, H, W_, N, kernel, strides, pads, dilations, group, bits, block_size = case
@@ -337,7 +350,7 @@ def test_conv_matches_reference(case, format, accuracy):
     W, scales, zp, levels = weight(rng, N, K, bits=bits, block_size=block_size, format=format)
     bias = rng.normal(size=N).astype(np.float32)
     X = rng.normal(size=(B, C, H, W_)).astype(np.float32)
-    attrs = dict(N=N, K=K, bits=bits, block_size=block_size, format=format, accuracy=accuracy,
+    attrs = dict(N=N, K=K, bits=bits, block_size=block_size, format=format.split("_")[0], accuracy=accuracy,
                  kernel_shape=list(kernel), strides=list(strides), pads=list(pads), dilations=list(dilations),
                  group=group)
     inputs = {"W": W, "scales": scales, "zero_points": zp, "levels": levels, "bias": bias}

@@ -29,7 +29,7 @@ std::unique_ptr<PackedWeight> prepack_conv(const LowBitWeight& w, Accuracy accur
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i = n * nb + b;
       if (codebook) {
-        const float* lv = w.levels + i * ncodes;
+        const float* lv = w.level_table(i);
         float lmax = 0.f;
         for (int c = 0; c < ncodes; ++c) lmax = std::max(lmax, std::fabs(lv[c]));
         for (int c = 0; c < ncodes; ++c)  // rint(levels·127 / lmax), as ops.py writes it
@@ -61,7 +61,7 @@ float ConvWeight::decoded(int64_t n, int64_t k) const {
   const int64_t b = k / w.block_size;
   const int c = code(n, k);
   const float s = w.scales[n * nblocks + b];
-  if (w.format == Format::Codebook) return w.levels[(n * nblocks + b) * (1 << w.bits) + c] * s;
+  if (w.format == Format::Codebook) return w.level_table(n * nblocks + b)[c] * s;
   return static_cast<float>(c - zero_point(n, b)) * s;
 }
 

@@ -130,7 +130,7 @@ void decode_f32(const ConvWeight& cw, int64_t n, int64_t b, int64_t j1, float* d
   const __m512 sc = _mm512_set1_ps(w.scales[i]);
   const __m512 t =
       w.format == Format::Codebook
-          ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(ncodes), w.levels + i * ncodes), sc)
+          ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(ncodes), w.level_table(i)), sc)
           : _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
                               _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                               _mm512_set1_epi32(cw.zero_point(n, b)))),

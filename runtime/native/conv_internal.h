@@ -63,7 +63,7 @@ static inline void value_table(const ConvWeight& cw, int64_t n, int64_t b, float
     cw.int8_table(n, b, t8);
     for (int64_t c = 0; c < ncodes; ++c) t[c] = t8[c];
   } else if (w.format == Format::Codebook) {
-    for (int64_t c = 0; c < ncodes; ++c) t[c] = w.levels[i * ncodes + c] * w.scales[i];
+    for (int64_t c = 0; c < ncodes; ++c) t[c] = w.level_table(i)[c] * w.scales[i];
   } else {
     const int zp = cw.zero_point(n, b);
     for (int64_t c = 0; c < ncodes; ++c) t[c] = static_cast<float>(c - zp) * w.scales[i];

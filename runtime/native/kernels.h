@@ -36,12 +36,15 @@ struct LowBitWeight {
   const uint8_t* packed = nullptr;       // [N, blocks, block_size * bits / 8]
   const float* scales = nullptr;         // [N, blocks]
   const uint8_t* zero_points = nullptr;  // [N, blocks] or nullptr (-> 2^(bits-1)); uniform only
-  const float* levels = nullptr;         // [N, blocks, 2^bits]; codebook only
+  const float* levels = nullptr;         // [N, blocks, 2^bits], or [N, 1, 2^bits]; codebook only
+  bool row_levels = false;               // levels is [N, 1, 2^bits]: one table per row, every block
   int64_t N = 0, K = 0;
   int bits = 4;
   int64_t block_size = 32;
   Format format = Format::Uniform;
   int64_t blocks() const { return (K + block_size - 1) / block_size; }
+  // The 2^bits levels of block i = n·blocks + b.
+  const float* level_table(int64_t i) const { return levels + ((row_levels ? i / blocks() : i) << bits); }
 };
 
 // x rounded to the nearest float16 value (ties to even) when |x| lies in float16's normal range

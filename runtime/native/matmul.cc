@@ -92,7 +92,7 @@ void prepack_interleaved(MatMulWeight& p) {
   p.codes.assign(G * nb * chunks * 64, 0);
   p.scales.assign(G * nb * kGroup, 0.f);
   if (w.zero_points && !codebook) p.zp.assign(G * nb * kGroup, 0);
-  if (codebook) p.tables.assign(G * nb * kGroup * values, 128);
+  if (codebook) p.tables.assign(G * (w.row_levels ? 1 : nb) * kGroup * values, 128);
   p.zp_const = codebook ? 128 : 1 << (bits - 1);
   std::vector<uint8_t> block(bs);
   int8_t table[16];
@@ -108,8 +108,8 @@ void prepack_interleaved(MatMulWeight& p) {
             dst[c * 64 + t] |= block[c * (32 / bits) + 4 * j + t] << (j * bits);
       float s = w.scales[n * nb + b];
       if (codebook) {
-        s = codebook_table(w.levels + (n * nb + b) * values, values, s, table);
-        uint8_t* t = p.tables.data() + gb * kGroup * values;
+        s = codebook_table(w.level_table(n * nb + b), values, s, table);
+        uint8_t* t = p.tables.data() + (w.row_levels ? g : gb) * kGroup * values;
         for (int v = 0; v < values; ++v) {
           // 2-bit: row-major [16][4]; 4-bit: [r][L][16] with row i = 4L + r
           const int64_t at = bits == 2 ? 4 * i + v : (i % 4) * 64 + (i / 4) * 16 + v;
@@ -131,7 +131,7 @@ void prepack_scalar_int8(MatMulWeight& p) {
   p.scalar_tables.resize(count * values);
   p.scalar_scales.resize(count);
   for (int64_t i = 0; i < count; ++i)
-    p.scalar_scales[i] = codebook_table(w.levels + i * values, values, w.scales[i],
+    p.scalar_scales[i] = codebook_table(w.level_table(i), values, w.scales[i],
                                         p.scalar_tables.data() + i * values);
 }
 
@@ -171,7 +171,7 @@ void rows_float(const MatMulWeight& p, const float* a, float* y, int64_t n0, int
       const float s = w.scales[n * nb + b];
       for (int v = 0; v < values; ++v)
         table[v] = w.format == Format::Codebook
-                       ? w.levels[(n * nb + b) * values + v] * s
+                       ? w.level_table(n * nb + b)[v] * s
                        : static_cast<float>(v - zero_point(w, nb, n, b)) * s;
       unpack_block(w, nb, n, b, codes.data());
       const int64_t len = std::min(bs, w.K - b * bs);

@@ -140,7 +140,7 @@ void half_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, int h, co
     if constexpr (ZP == Zp::Codebook)
       for (int r = 0; r < kValues / 4; ++r)
         tab.t[r] = _mm256_xor_si256(_mm256_set1_epi8(-128), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                        p.tables.data() + gb * kGroup * kValues + 64 * r + 32 * h)));
+                                        p.tables.data() + (p.w.row_levels ? g : gb) * kGroup * kValues + 64 * r + 32 * h)));
     for (int64_t c = 0; c < chunks; ++c, code += 64) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code));
       for (int m = 0; m < MT; ++m)
@@ -204,10 +204,10 @@ void decode_tables(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b, __m2
   const __m256 s = _mm256_set1_ps(w.scales[nbi]);
   if constexpr (CODEBOOK) {
     if constexpr (BITS == 2) {
-      t[0] = _mm256_mul_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(w.levels + 4 * nbi)), s);
+      t[0] = _mm256_mul_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(w.level_table(nbi))), s);
     } else {
-      t[0] = _mm256_mul_ps(_mm256_loadu_ps(w.levels + 16 * nbi), s);
-      t[1] = _mm256_mul_ps(_mm256_loadu_ps(w.levels + 16 * nbi + 8), s);
+      t[0] = _mm256_mul_ps(_mm256_loadu_ps(w.level_table(nbi)), s);
+      t[1] = _mm256_mul_ps(_mm256_loadu_ps(w.level_table(nbi) + 8), s);
     }
   } else {
     const int zp = ZP ? w.zero_points[nbi] : 1 << (BITS - 1);

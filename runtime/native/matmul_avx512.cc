@@ -104,6 +104,18 @@ LOWBIT_INLINE __m512i field(__m512i x, __m512i high, const Tables& tab) {
   }
 }
 
+// The 16 rows' codebook tables at t as the look-ups of `field` read them.
+template <int BITS>
+LOWBIT_INLINE void load_tables(const uint8_t* t, Tables& tab) {
+  if constexpr (BITS == 2) {
+    tab.t[0] = _mm512_load_si512(t);
+    tab.t[1] = _mm512_shuffle_epi8(tab.t[0], _mm512_broadcast_i32x4(_mm_setr_epi8(
+                                                 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)));
+  } else {
+    for (int r = 0; r < 4; ++r) tab.t[r] = _mm512_load_si512(t + 64 * r);
+  }
+}
+
 // acc[m] (odd uniform fields: scaled[m]) += Σ over the chunk's fields of field · q[m], 4 columns
 // of q broadcast per field.
 template <int BITS, int MT, Zp ZP, int... J>
@@ -134,6 +146,9 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
   __m512 y[MT];
   for (int m = 0; m < MT; ++m) y[m] = _mm512_setzero_ps();
   Tables tab;
+  // a row's one table serves every block: the group's tables are loaded once
+  const bool row_tables = p.w.row_levels;
+  if (ZP == Zp::Codebook && row_tables) load_tables<BITS>(p.tables.data() + g * kGroup * kValues, tab);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t gb = g * nb + b;
     __m512i acc[MT], scaled[MT];
@@ -146,14 +161,7 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
     } else {
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_set1_epi32(rows[m].init[b]);
     }
-    if constexpr (ZP == Zp::Codebook && BITS == 2) {
-      tab.t[0] = _mm512_load_si512(p.tables.data() + gb * kGroup * kValues);
-      tab.t[1] = _mm512_shuffle_epi8(tab.t[0], _mm512_broadcast_i32x4(_mm_setr_epi8(
-                                                   0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)));
-    } else if constexpr (ZP == Zp::Codebook) {
-      for (int r = 0; r < 4; ++r)
-        tab.t[r] = _mm512_load_si512(p.tables.data() + gb * kGroup * kValues + 64 * r);
-    }
+    if (ZP == Zp::Codebook && !row_tables) load_tables<BITS>(p.tables.data() + gb * kGroup * kValues, tab);
     for (int64_t c = 0; c < chunks; ++c, code += 64)
       chunk_dot<BITS, MT, ZP>(_mm512_loadu_si512(code), tab, q, b * bs + c * (32 / BITS), acc,
                               scaled, std::make_integer_sequence<int, 8 / BITS>{});
@@ -228,8 +236,8 @@ template <int BITS, bool CODEBOOK, bool ZP>
 __m512 decode_table(const LowBitWeight& w, int64_t nbi) {
   const __m512 s = _mm512_set1_ps(w.scales[nbi]);
   if constexpr (CODEBOOK) {
-    if constexpr (BITS == 2) return _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(w.levels + 4 * nbi)), s);
-    return _mm512_mul_ps(_mm512_loadu_ps(w.levels + 16 * nbi), s);
+    if constexpr (BITS == 2) return _mm512_mul_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(w.level_table(nbi))), s);
+    return _mm512_mul_ps(_mm512_loadu_ps(w.level_table(nbi)), s);
   }
   const __m512i code = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                         _mm512_set1_epi32((1 << BITS) - 1));

@@ -90,7 +90,8 @@ struct MatMulWeight final : PackedWeight {
   // instead of 6 MB on x86; on NEON the scales beside the op's codes shrink from 2 MB to 1 MB.
   AlignedVector<uint16_t> half_scales;
   AlignedVector<uint8_t> zp;      // [groups, blocks, 16], empty: every zero point is zp_const
-  AlignedVector<uint8_t> tables;  // codebook: [groups, blocks, 16 << bits], w_int + 128
+  AlignedVector<uint8_t> tables;  // codebook: [groups, blocks, 16 << bits], w_int + 128;
+                                  // [groups, 16 << bits] when the levels are one table per row
   int zp_const = 0;             // uniform without zero points: 2^(bits−1); codebook: 128 (NEON: 0)
   // int8 accuracy, scalar and NEON: codebook tables [N, blocks, 2^bits] and scale·lmax/127 [N, blocks]
   std::vector<int8_t> scalar_tables;

@@ -101,7 +101,7 @@ LOWBIT_INLINE Planes block_planes(const LowBitWeight& w, int64_t nb, int64_t n, 
   const float s = w.scales[i];
   float32x4_t t[4];
   if constexpr (CODEBOOK) {
-    for (int j = 0; j < (BITS == 4 ? 4 : 1); ++j) t[j] = vmulq_n_f32(vld1q_f32(w.levels + i * (1 << BITS) + 4 * j), s);
+    for (int j = 0; j < (BITS == 4 ? 4 : 1); ++j) t[j] = vmulq_n_f32(vld1q_f32(w.level_table(i) + 4 * j), s);
   } else {
     const float zp = static_cast<float>(ZP ? w.zero_points[i] : 1 << (BITS - 1));
     const float32x4_t iota = {0.f, 1.f, 2.f, 3.f};

@@ -290,14 +290,17 @@ LowBitWeight weight_view(const std::string& label, const WeightAttributes& at, c
     if (!levels.present)
       throw OpError(ORT_INVALID_ARGUMENT, label + ": input 'levels' is required with format 'codebook'");
     const int64_t count = int64_t{1} << at.bits;
-    expect(label, "levels", levels, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {at.N, blocks, count},
-           "(N, ceil(K / block_size), 2^bits)");
+    // one table per block, or one per row ([N, 1, 2^bits]) that every block of the row scales
+    w.row_levels = blocks > 1 && levels.shape.size() == 3 && levels.shape[1] == 1;
+    const int64_t tables = w.row_levels ? 1 : blocks;
+    expect(label, "levels", levels, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {at.N, tables, count},
+           "(N, ceil(K / block_size) or 1, 2^bits)");
     const float* l = levels.as<float>();
-    for (int64_t i = 0, n = at.N * blocks * count; i < n; ++i)
+    for (int64_t i = 0, n = at.N * tables * count; i < n; ++i)
       if (!std::isfinite(l[i]))
         throw OpError(ORT_INVALID_ARGUMENT, label + ": input 'levels' holds a non-finite value at row " +
-                                                std::to_string(i / (blocks * count)) + ", block " +
-                                                std::to_string(i / count % blocks));
+                                                std::to_string(i / (tables * count)) + ", block " +
+                                                std::to_string(i / count % tables));
     w.levels = l;
   } else if (levels.present) {
     throw OpError(ORT_INVALID_ARGUMENT, label + ": input 'levels' is given but format is 'uniform' "
