@@ -14,7 +14,10 @@ DequantizeLinear per channel / per tensor   the same, re-blocked: a row's (or th
                                               zero point copied to every block of the row — exact
 Cast→Add→Add→Gather codebook chain          codebook: Ŵ = levels[n, b, idx]·1, the level table
                                               [N, groups, L] padded to 2^b levels (b = 2 or 4); one
-                                              group per row is re-blocked (the table copied per block)
+                                              group per row is re-blocked with one table per row
+                                              (levels [N, 1, 2^b]) and scales 1
+… → Mul(·, Gather(scales, row + col))       a row codebook (quantize's tables=row): levels [N, 1,
+                                              2^b], the gathered block scales as ``scales``
 com.microsoft.MatMulNBits (2/4 bits)        the same packed bytes (identical layout), zero points
                                               unpacked to one byte per block
 online rotation (``lowbit.role=rotation``)  x·B with B = diag(s)·Hᵀ/√g (H of order g, a power of
@@ -128,7 +131,7 @@ class Packed:
     codes: np.ndarray  # [N, K] unsigned uint8
     scales: np.ndarray  # [N, blocks] float32
     zero_points: np.ndarray | None  # [N, blocks] uint8, None = 2^(bits−1)
-    levels: np.ndarray | None  # [N, blocks, 2^bits] float32 (codebook)
+    levels: np.ndarray | None  # [N, blocks or 1, 2^bits] float32 (codebook)
     bits: int
     block: int
     source: str  # "qdq block" | "qdq channel" | "qdq tensor" | "codebook" | "MatMulNBits"
@@ -260,8 +263,40 @@ def _from_dq(dq: ir.Node, k_axis: int | None, reblock: int) -> tuple[Packed | No
     return Packed(u, np.ascontiguousarray(scales, np.float32), None if default else zp, None, bits, block, source), None
 
 
-def _from_codebook(gather: ir.Node, reblock: int) -> tuple[Packed | None, str | None]:
-    """Gather(levels_flat, Add(Add(Cast(idx), row_base), col_base)) → canonical [R, K] codebook."""
+def _codebook_node(node: ir.Node | None) -> bool:
+    """The last node of a codebook chain: its Gather, or the Mul by a row codebook's block scales."""
+    if node is None or node.domain not in _ONNX:
+        return False
+    if node.op_type == "Mul":
+        node = node.inputs[0].producer()
+    return node is not None and node.op_type == "Gather"
+
+
+def _row_scales(mul: ir.Node, rows: int, k: int) -> tuple[np.ndarray | None, int | None]:
+    """Mul(·, Gather(scales_flat, Add(scale_row, scale_col))) → (scales [R, B], block), or Nones."""
+    gather = mul.inputs[1].producer()
+    if gather is None or gather.op_type != "Gather":
+        return None, None
+    flat, add = const_array(gather.inputs[0]), gather.inputs[1].producer()
+    if flat is None or add is None or add.op_type != "Add" or flat.dtype != np.float32 or flat.size % rows:
+        return None, None
+    row, col = const_array(add.inputs[0]), const_array(add.inputs[1])
+    n_blocks = flat.size // rows
+    if row is None or col is None or not np.array_equal(row.reshape(-1), np.arange(rows) * n_blocks):
+        return None, None
+    col = col.reshape(-1)
+    block = int(np.count_nonzero(col == 0))
+    if n_blocks == 1 and block == k:  # one block shorter than any block size: the smallest that holds it
+        block = next((b for b in ops.BLOCK_SIZES if b >= k), block)
+    if col.size != k or block not in ops.BLOCK_SIZES or not np.array_equal(col, np.arange(k) // block):
+        return None, None
+    return flat.reshape(rows, n_blocks), block
+
+
+def _from_codebook(last: ir.Node, reblock: int) -> tuple[Packed | None, str | None]:
+    """Gather(levels_flat, Add(Add(Cast(idx), row_base), col_base)) [→ Mul by gathered block
+    scales] → canonical [R, K] codebook."""
+    gather = last.inputs[0].producer() if last.op_type == "Mul" else last
     table = const_array(gather.inputs[0])
     add_col = gather.inputs[1].producer()
     if table is None or add_col is None or add_col.op_type != "Add":
@@ -287,9 +322,13 @@ def _from_codebook(gather: ir.Node, reblock: int) -> tuple[Packed | None, str | 
     groups = col // n_levels
     n_groups = per_row // n_levels
     levels = table.reshape(rows, n_groups, n_levels)
-    if n_groups == 1:
+    scales = None
+    if last.op_type == "Mul":
+        scales, block = _row_scales(last, rows, k)
+        if scales is None or n_groups != 1:
+            return None, "its block scales are not the chain quantize(tables=row) emits"
+    elif n_groups == 1:  # one table per row, used by every block
         block = _reblock(k, reblock)
-        levels = np.repeat(levels, ops.blocks(k, block), axis=1)
     else:
         block = int(np.count_nonzero(groups == 0))
         if block not in ops.BLOCK_SIZES or not np.array_equal(groups, np.arange(k) // block):
@@ -302,8 +341,10 @@ def _from_codebook(gather: ir.Node, reblock: int) -> tuple[Packed | None, str | 
     u = idx.astype(np.uint8)
     if u.max(initial=0) >= n_levels:
         return None, "codebook indices exceed the level table"
-    scales = np.ones(levels.shape[:2], np.float32)
-    return Packed(u, scales, None, np.ascontiguousarray(levels, np.float32), bits, block, "codebook"), None
+    if scales is None:
+        scales = np.ones((rows, ops.blocks(k, block)), np.float32)
+    return Packed(u, np.ascontiguousarray(scales, np.float32), None, np.ascontiguousarray(levels, np.float32), bits,
+                  block, "codebook"), None
 
 
 def _weight(value: ir.Value, layout: str, reblock: int) -> tuple[Packed | None, str | None]:
@@ -316,16 +357,16 @@ def _weight(value: ir.Value, layout: str, reblock: int) -> tuple[Packed | None, 
         inner = p.inputs[0].producer()
         if inner is not None and inner.op_type == "DequantizeLinear":
             return _from_dq(inner, 1, reblock)
-        if inner is not None and inner.op_type == "Gather":
+        if _codebook_node(inner):
             return _from_codebook(inner, reblock)
         return None, None
     if p.op_type == "DequantizeLinear" and p.domain in _ONNX:
         return _from_dq(p, {"kn": 0, "nk": 1, "kernel": None}[layout], reblock)
     if layout == "kn" and p.op_type == "Transpose" and list(attribute(p, "perm", [1, 0])) == [1, 0]:
         inner = p.inputs[0].producer()
-        if inner is not None and inner.op_type == "Gather":
+        if _codebook_node(inner):
             return _from_codebook(inner, reblock)
-    if layout == "nk" and p.op_type == "Gather":
+    if layout == "nk" and _codebook_node(p):
         return _from_codebook(p, reblock)
     return None, None
 

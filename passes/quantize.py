@@ -11,7 +11,8 @@ and quantized per tensor, per output channel, or in blocks of ``block`` reductio
             the columns not yet quantized through H⁻¹'s Cholesky factor (Frantar et al., 2022);
             with ``sequential`` each group of layers reading the same tensor is calibrated on the
             model whose earlier layers are already quantized;
-  codebook  2^bits levels per block fitted by 1-D k-means (Lloyd-Max), written in standard ONNX.
+  codebook  2^bits levels per block fitted by 1-D k-means (Lloyd-Max), written in standard ONNX;
+            ``tables=row``: one table per row, scaled per block (any4/NF4 style).
 
 Activations (``activations=8|16``) get QuantizeLinear/DequantizeLinear pairs where onnxruntime's
 QDQ fusions apply, with ranges from streamed histograms (``calibration``); Softmax inputs,
@@ -55,6 +56,7 @@ class QuantizeOptions:
     block: int = option(32, "reduction elements per scale block (16, 32, 64, 128 or 256), with granularity=block")
     symmetric: bool = option(True, "signed codes with zero point 0 (false: unsigned codes with a zero point)")
     method: Literal["rtn", "gptq", "codebook"] = option("rtn", "weight rounding: round-to-nearest, GPTQ (needs --calib), or non-uniform codebook")
+    tables: Literal["block", "row"] = option("block", "codebook level tables with granularity=block: one per block, or one per row that each block scales (a float16 scale a block: the bytes of uniform weights, which lowbit's kernels run as fast as uniform)")
     scales: Literal["auto", "float16", "float32"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision; auto: float16 for blocks of 2-4 bit weights")
     mse_clip: bool = option(True, "search the clipping ratio that minimises each block's squared error")
     damp: float = option(0.01, "GPTQ damping, as a fraction of the mean diagonal of H")
@@ -94,6 +96,10 @@ class QuantizeOptions:
             for op in getattr(self, key):
                 if op not in QUANTIZABLE_OPS:
                     raise UserError(f"option '{key}' of pass quantize names '{op}', which is not one of {', '.join(QUANTIZABLE_OPS)}")
+        if self.tables == "row" and (self.method != "codebook" or self.granularity != "block"):
+            raise UserError(f"option 'tables=row' of pass quantize needs method=codebook and granularity=block, not "
+                            f"method={self.method}, granularity={self.granularity} (granularity=channel already has one "
+                            f"table per row, without block scales)")
         if self.weights == "auto" and not self.budget:
             raise UserError("quantize(weights=auto) needs a budget, e.g. budget=bits:4.5")
         if self.weights == "auto":

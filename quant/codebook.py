@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.quant.grid import Grid, GroupLayout, QuantInputError, check_weight
+from lowbit.quant.grid import Grid, GroupLayout, QuantInputError, check_weight, half_rounded
 from lowbit.quant.rtn import fit_params
 
 #: elements of W per row chunk (bounds the float64 sorted copy and prefix sums)
@@ -46,6 +46,8 @@ class CodebookWeight:
 
     ``indices`` uint8 [R, K]; ``levels`` float32 [R, G, 2^bits], ascending along the last axis;
     ``groups`` the group map [K]; ``iterations`` the most Lloyd iterations any row chunk ran.
+    A row codebook (:func:`row_codebook`) has one table per row (G = 1, ``groups`` all 0) and
+    ``scales`` float32 [R, B] over the blocks of ``scale_groups`` [K]: Ŵ = levels[r, 0, idx]·scales.
     """
 
     indices: np.ndarray
@@ -53,6 +55,8 @@ class CodebookWeight:
     groups: np.ndarray
     bits: int
     iterations: int = 0
+    scales: np.ndarray | None = None
+    scale_groups: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,6 +73,8 @@ class CodebookWeight:
         for r0 in range(0, R, rows):
             r1 = min(R, r0 + rows)
             out[r0:r1] = _take(table[r0:r1], base + self.indices[r0:r1])
+            if self.scales is not None:
+                out[r0:r1] *= self.scales[r0:r1][:, self.scale_groups]
         return out
 
 
@@ -247,3 +253,49 @@ def codebook(
         block[:, layout.index[layout.mask]] = idx[:, layout.mask]
         indices[r0:r1] = block
     return CodebookWeight(indices=indices, levels=levels, groups=layout.groups, bits=bits, iterations=ran)
+
+
+def row_codebook(W, groups, bits: int, *, half_scales: bool = True, iters: int = 100, rounds: int = 2,
+                 name: str = "weight") -> CodebookWeight:
+    """One table of 2^bits levels per row of ``W`` [R, K], scaled per group (block) of ``groups``.
+
+    Each block starts divided by its largest magnitude (rounded to float16 with ``half_scales``).
+    Then, ``rounds`` times: the row's normalised values get 1-D k-means levels (:func:`codebook`
+    with one group per row), and each block keeps whichever is smaller in squared error: its
+    scale with the nearest levels, or the least-squares scale for those indices, Σ w·c / Σ c²
+    (rounded the same way), with the indices re-chosen for it. The format of any4/NF4-style codebooks: a block carries one
+    scale, like a uniform block, so lowbit's kernels stream the bytes of the uniform format.
+    """
+    W = check_weight(W, name)
+    R, K = W.shape
+    layout = GroupLayout(groups, K)
+    round_ = half_rounded if half_scales else (lambda x: np.asarray(x, np.float32))
+    Wg = layout.gather(W)  # [R, G, S]; padding repeats a real column
+    amax = np.abs(Wg).max(axis=-1)
+    scales = round_(np.where(amax > 0, amax, 1.0).astype(np.float32))
+    scales = np.where(scales > 0, scales, np.float32(1))
+    def block_fit(s: np.ndarray):
+        u = Wg / s[..., None]
+        idx = _nearest(u, table[:, None, :]) if u.size else np.zeros(u.shape, np.uint8)
+        c = np.take_along_axis(np.broadcast_to(table[:, None, :], (*u.shape[:2], table.shape[1])), idx.astype(np.intp), axis=-1)
+        err = (Wg - c * s[..., None]) ** 2
+        if layout.weight is not None:
+            err = err * layout.weight
+        return idx, c, err.sum(axis=-1)
+
+    mask = 1.0 if layout.weight is None else layout.weight
+    for _ in range(rounds):
+        fitted = codebook(W / scales[:, layout.groups], None, bits, iters=iters, name=name)
+        table = fitted.levels[:, 0, :]  # [R, L], ascending
+        idx, c, sse = block_fit(scales)
+        den = (c * c * mask).sum(axis=-1)
+        refit = round_(np.where(den > 0, (Wg * c * mask).sum(axis=-1) / np.where(den > 0, den, 1), scales).astype(np.float32))
+        refit = np.where(refit > 0, refit, scales)
+        idx2, _, sse2 = block_fit(refit)
+        better = sse2 < sse
+        scales = np.where(better, refit, scales).astype(np.float32)
+        idx = np.where(better[..., None], idx2, idx)
+    indices = np.empty((R, K), dtype=np.uint8)
+    indices[:, layout.index[layout.mask]] = idx[:, layout.mask]
+    return CodebookWeight(indices=indices, levels=fitted.levels, groups=fitted.groups, bits=fitted.bits,
+                          iterations=fitted.iterations, scales=scales, scale_groups=layout.groups)

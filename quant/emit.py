@@ -17,7 +17,10 @@ absent when symmetric (the kernel then uses 2^(bits−1)).
 ``Gather(levels_flat, Cast(idx) + row_base + col_base)`` with row_base[r] = r·G·L and
 col_base[k] = g(k)·L — so it runs on any onnxruntime (which folds it to a float weight at load);
 ``idx`` is stored as uint4/uint2/uint8 to keep the file small (uint2 only at opset ≥ 25, which
-int2 types need; below it 2-bit indices are stored as uint4).
+int2 types need; below it 2-bit indices are stored as uint4). A row codebook (one table per row,
+G = 1, ``quantize(tables=row)``) multiplies that by its block scales,
+``Mul(…, Gather(scales_flat, scale_row + scale_col))`` with scale_row[r] = r·B and scale_col[k]
+= the block of column k.
 """
 
 from __future__ import annotations
@@ -232,9 +235,10 @@ def _replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node | list[ir.Node]) -
             del graph.initializers[value.name]
 
 
-def emit_codebook(site: WeightSite, graph: ir.Graph, indices: np.ndarray, levels: np.ndarray,
-                  groups: np.ndarray, *, bits: int) -> ir.Node:
-    """Replace the weight by a Gather from a per-(row, group) level table (standard ONNX)."""
+def emit_codebook(site: WeightSite, graph: ir.Graph, fitted) -> ir.Node:
+    """Replace the weight by a Gather from a per-(row, group) level table (standard ONNX); a row
+    codebook's block scales multiply it, gathered the same way from a [R·B] table."""
+    indices, levels, groups, bits = fitted.indices, fitted.levels, fitted.groups, fitted.bits
     rows, k = indices.shape
     n_groups, n_levels = levels.shape[1], levels.shape[2]
     dtype = site.value.dtype
@@ -255,6 +259,17 @@ def emit_codebook(site: WeightSite, graph: ir.Graph, indices: np.ndarray, levels
     gather = ir.node("Gather", [table, add_col.outputs[0]], attributes={"axis": 0}, name=f"{prefix}.gather")
     nodes = [cast, add_row, add_col, gather]
     canonical = gather.outputs[0]
+    if fitted.scales is not None:
+        n_blocks = fitted.scales.shape[1]
+        flat = _initializer(graph, _unique(graph, f"{base}.scales"), fitted.scales.reshape(-1).astype(dtype.numpy()))
+        scale_row = _initializer(graph, _unique(graph, f"{base}.scale_row"),
+                                 (np.arange(rows, dtype=np.int64) * n_blocks).reshape(rows, 1))
+        scale_col = _initializer(graph, _unique(graph, f"{base}.scale_col"), fitted.scale_groups.astype(np.int64).reshape(1, k))
+        at = ir.node("Add", [scale_row, scale_col], name=f"{prefix}.scale_index")
+        scale = ir.node("Gather", [flat, at.outputs[0]], attributes={"axis": 0}, name=f"{prefix}.scale")
+        mul = ir.node("Mul", [canonical, scale.outputs[0]], name=f"{prefix}.scaled")
+        nodes += [at, scale, mul]
+        canonical = mul.outputs[0]
     canonical.name = f"{base}.canonical"
     canonical.dtype, canonical.shape = dtype, ir.Shape([rows, k])
     _splice(site, graph, nodes, _canonical_to_stored_nodes(site, canonical, prefix, nodes, graph))

@@ -73,7 +73,7 @@ def plans(sites: list[WeightSite], o, ctx, bits_by_node: dict[str, int] | None =
             raise RuntimeError("weights=auto must be resolved to bits before planning")
         plan = LayerPlan(site, int(bits), int(table.get("block", o.block)), table.get("granularity", o.granularity),
                          table.get("method", o.method), bool(table.get("symmetric", o.symmetric)))
-        if plan.method == "codebook" and plan.granularity == "block" and (1 << plan.bits) * 4 >= plan.block:
+        if plan.method == "codebook" and plan.granularity == "block" and o.tables == "block" and (1 << plan.bits) * 4 >= plan.block:
             ctx.warn(f"{site.describe()}: a {plan.bits}-bit codebook per block of {plan.block} stores "
                      f"{1 << plan.bits} float levels for every {plan.block} weights; use a larger block to save space")
         if plan.method == "gptq" and not _gptq_supported(site):
@@ -193,13 +193,17 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
              "block": plan.block if plan.granularity == "block" else None, "symmetric": plan.symmetric,
              "bytes_before": int(w.nbytes)}
     if plan.method == "codebook":
-        from lowbit.quant.codebook import codebook
+        from lowbit.quant.codebook import codebook, row_codebook
 
-        fitted = codebook(canonical, groups, plan.bits, seed=_seed(ctx, o, site))
+        if o.tables == "row" and plan.granularity == "block":
+            fitted = row_codebook(canonical, groups, plan.bits, half_scales=_half_scales(plan, o))
+        else:
+            fitted = codebook(canonical, groups, plan.bits, seed=_seed(ctx, o, site))
         deq = fitted.dequantize()
         node_before = set(graph.initializers)
-        emit.emit_codebook(site, graph, fitted.indices, fitted.levels, fitted.groups, bits=plan.bits)
-        entry.update(format="codebook", weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=None,
+        emit.emit_codebook(site, graph, fitted)
+        entry.update(format="codebook", tables="row" if fitted.scales is not None else "group",
+                     weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=None,
                      bytes_after=_new_bytes(graph, node_before))
         return entry
     grid = Grid(plan.bits, plan.symmetric, half_scales=_half_scales(plan, o))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lowbit.core.errors import UserError
-from lowbit.quant.codebook import CodebookWeight, codebook
+from lowbit.quant.codebook import CodebookWeight, codebook, row_codebook
 from lowbit.quant.gptq import HessianAccumulator, gptq, proxy_loss
 from lowbit.quant.grid import (
     Grid,
@@ -461,6 +461,33 @@ def test_codebook_structure_and_exactness():
     exact = codebook(W, block_groups(100, 16), 4)
     np.testing.assert_allclose(exact.dequantize(), W.astype(np.float32), rtol=0, atol=0)
     assert np.isinf(weight_sqnr(W.astype(np.float32), exact.dequantize()))
+
+
+def test_row_codebook_structure_and_quality():
+    """One table per row scaled per block (quantize's tables=row): the decoded weight is
+    levels[r, 0, idx]·scale of the block, the scales are float16 values, and at 2 bits it beats
+    the symmetric uniform grid it costs as much as (a half scale a block), by 0.8 dB or more on
+    the tiny LLaMA's weights (measured +1.4 / +1.2 / +1.1 dB; the per-block codebook, 1 bit a
+    weight more, +2.3 / +2.3 / +2.9)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lowbit.models import demo
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(demo.model_path("llama"))).graph.initializer}
+    for name in ("blocks.0.attn.wq.weight", "blocks.1.mlp.w2.weight", "embed.weight"):
+        W = inits[name].T.astype(np.float64)
+        R, K = W.shape
+        groups = block_groups(K, 32)
+        cb = row_codebook(W, groups, 2)
+        assert cb.levels.shape == (R, 1, 4) and cb.scales.shape == (R, -(-K // 32)) and cb.indices.max() < 4
+        assert np.array_equal(cb.scales, cb.scales.astype(np.float16).astype(np.float32))
+        lookup = cb.levels[np.arange(R)[:, None], 0, cb.indices] * cb.scales[:, groups]
+        np.testing.assert_array_equal(cb.dequantize(), lookup)
+        s_row = weight_sqnr(W, cb.dequantize())
+        s_sym = rtn(W, groups, Grid(2, True, half_scales=True))[1]["sqnr_db"]
+        assert s_row >= s_sym + 0.8, (name, s_row, s_sym)
+        assert s_row < weight_sqnr(W, codebook(W, groups, 2).dequantize())
 
 
 def test_codebook_pruned_weights():

@@ -963,6 +963,8 @@ def _compress(src, tmp_path, passes, *extra):
     ("quantize(granularity=row)", "option 'granularity' of pass quantize must be one of block, channel, tensor"),
     ("quantize(format=matmulnbits,granularity=channel)", "quantize(format=matmulnbits) needs granularity=block"),
     ("quantize(weights=auto)", "quantize(weights=auto) needs a budget"),
+    ("quantize(tables=row)", "option 'tables=row' of pass quantize needs method=codebook and granularity=block, not method=rtn"),
+    ("quantize(method=codebook,tables=row,granularity=channel)", "not method=codebook, granularity=channel"),
 ])
 def test_bad_options(run_cli, tmp_path, mlp_path, passes, message):
     refused(run_cli, tmp_path, *_compress(mlp_path, tmp_path, passes), match=message)
