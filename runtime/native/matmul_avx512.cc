@@ -131,6 +131,12 @@ LOWBIT_INLINE void chunk_dot(__m512i x, const Tables& tab, const int8_t* const* 
   (one(std::integral_constant<int, J>{}), ...);
 }
 
+// Codes are prefetched this many bytes ahead of the chunk read (64 chunks: half a group's codes at
+// 2 bits, block 32). A 4096² 2-bit weight streamed from memory on 2 threads: about 0.58× → 0.50×
+// the time of stock MatMulNBits block 32 over 6 interleaved runs each (1024 and 4096 ahead helped
+// less; prefetching the scales as well did not help).
+constexpr int kPrefetch = 8192;
+
 // Rows 16g … 16g + 15 of Y[m] for MT rows of A.
 template <int BITS, int MT, Zp ZP>
 void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const float* bias,
@@ -162,9 +168,11 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_set1_epi32(rows[m].init[b]);
     }
     if (ZP == Zp::Codebook && !row_tables) load_tables<BITS>(p.tables.data() + gb * kGroup * kValues, tab);
-    for (int64_t c = 0; c < chunks; ++c, code += 64)
+    for (int64_t c = 0; c < chunks; ++c, code += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(code) + kPrefetch, _MM_HINT_T0);
       chunk_dot<BITS, MT, ZP>(_mm512_loadu_si512(code), tab, q, b * bs + c * (32 / BITS), acc,
                               scaled, std::make_integer_sequence<int, 8 / BITS>{});
+    }
     if constexpr (ZP != Zp::Codebook)
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(acc[m], _mm512_srai_epi32(scaled[m], BITS));
     const __m512 s = half ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(half_scale + b * kGroup)))
