@@ -35,21 +35,21 @@
 Every model pair is timed interleaved (``_timing.interleaved``); ratios of medians. Prints one
 JSON document; exits 1 when a claim fails or the native library is not built.
 
-Measured (2026-11-22, quiet 2-core Zen 4 machine, AVX-512 VNNI path, 80 runs)::
+Measured (2026-11-22, 2-core Zen 4 machine, AVX-512 VNNI path, 100 runs)::
 
-    memory bandwidth, 1 thread      23.9 GB/s read, 26.9 GB/s copy
-    matmul M=1, 1 thread            lowbit 2-bit 0.324 ms (16 GB/s): 0.44x stock b32, 0.77x stock
-                                    b128, float 11.9x slower; 4-bit 0.59x stock; codebook 1.43x
-                                    uniform (claim not met: 7 MB against 5 MB)
-    matmul M=1, 2 threads           0.62x stock b32 (claim not met: 17 GB/s; 0.5x needs the
-                                    memory's own 20.6 GB/s), 0.87x stock b128; float 8.9x;
-                                    codebook 1.29x
-    matmul M=8 / 32, 1 thread       0.31x / 0.25x stock b32, 0.80x / 0.66x stock b128
-    conv 3x3 64@56 / 256@14 (int8)  0.57x / 0.46x float Conv (2 threads 0.57x / 0.51x)
-    conv depthwise (float acc.)     64@56 0.58x, 256@14 0.65x (2 threads 0.48x, 0.53x)
-    hadamard 4096                   108x (M=1), 88x (M=32) faster than the dense MatMul
+    memory bandwidth, 1 thread      25.3 GB/s read, 25.6 GB/s copy
+    matmul M=1, 1 thread            lowbit 2-bit 0.285 ms (18 GB/s): 0.37x stock b32, 0.83x stock
+                                    b128, float 12.9x slower; 4-bit 0.61x stock; codebook with
+                                    row tables 1.03x uniform (per-block tables 1.37x)
+    matmul M=1, 2 threads           0.57x stock b32 (claim not met: lowbit's 2-thread time equals
+                                    its 1-thread time, the pool's worker joins too late; 0.51x in
+                                    the run before), 0.74x stock b128; float 8.5x; codebook 1.05x
+    matmul M=8 / 32, 1 thread       0.25x / 0.23x stock b32, 0.63x / 0.63x stock b128
+    conv 3x3 64@56 / 256@14 (int8)  0.58x / 0.46x float Conv (2 threads 0.63x / 0.53x)
+    conv depthwise (float acc.)     64@56 0.60x, 256@14 0.67x (2 threads 0.48x, 0.56x)
+    hadamard 4096                   88x (M=1), 83x (M=32) faster than the dense MatMul
     e2e llama W2 / lite0 W4 / digits W4, lowered (rule) against float, 1 thread:
-                                    0.71x / 0.83x / 0.92x (2 threads 0.88x / 0.91x / 0.87x)
+                                    0.71x / 0.83x / 0.91x (2 threads 0.90x / 0.99x / 0.88x)
 
 Run::
 
