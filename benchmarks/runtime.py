@@ -35,21 +35,22 @@
 Every model pair is timed interleaved (``_timing.interleaved``); ratios of medians. Prints one
 JSON document; exits 1 when a claim fails or the native library is not built.
 
-Measured (2026-11-22, 2-core Zen 4 machine, AVX-512 VNNI path, 100 runs)::
+Measured (2026-11-22, 2-core Zen 4 machine in a slow phase, AVX-512 VNNI path, 100 runs)::
 
-    memory bandwidth, 1 thread      25.3 GB/s read, 25.6 GB/s copy
-    matmul M=1, 1 thread            lowbit 2-bit 0.285 ms (18 GB/s): 0.37x stock b32, 0.83x stock
-                                    b128, float 12.9x slower; 4-bit 0.61x stock; codebook with
-                                    row tables 1.03x uniform (per-block tables 1.37x)
-    matmul M=1, 2 threads           0.57x stock b32 (claim not met: lowbit's 2-thread time equals
-                                    its 1-thread time, the pool's worker joins too late; 0.51x in
-                                    the run before), 0.74x stock b128; float 8.5x; codebook 1.05x
-    matmul M=8 / 32, 1 thread       0.25x / 0.23x stock b32, 0.63x / 0.63x stock b128
-    conv 3x3 64@56 / 256@14 (int8)  0.58x / 0.46x float Conv (2 threads 0.63x / 0.53x)
-    conv depthwise (float acc.)     64@56 0.60x, 256@14 0.67x (2 threads 0.48x, 0.56x)
-    hadamard 4096                   88x (M=1), 83x (M=32) faster than the dense MatMul
+    memory bandwidth, 1 thread      19.7 GB/s read, 22.8 GB/s copy
+    matmul M=1, 1 thread            lowbit 2-bit 0.252 ms (21 GB/s): 0.33x stock b32, 0.67x stock
+                                    b128, float 15.1x slower; 4-bit 0.58x stock; codebook with
+                                    row tables 1.13x uniform (per-block tables 1.40x)
+    matmul M=1, 2 threads           0.56x stock b32 (claim not met; 0.47x in the run before),
+                                    0.92x stock b128; float 8.0x; codebook 1.09x
+    matmul M=8 / 32, 1 thread       0.26x / 0.24x stock b32, 0.62x / 0.65x stock b128
+    conv 3x3 64@56 / 256@14 (int8)  0.74x / 0.50x float Conv (2 threads 0.71x / 0.58x)
+    conv depthwise (float acc.)     64@56 0.57x, 256@14 0.64x (2 threads 0.52x, 0.58x)
+    hadamard 4096                   76x (M=1), 100x (M=32) faster than the dense MatMul
     e2e llama W2 / lite0 W4 / digits W4, lowered (rule) against float, 1 thread:
-                                    0.71x / 0.83x / 0.91x (2 threads 0.90x / 0.99x / 0.88x)
+                                    0.71x / 1.03x / 0.90x (2 threads 0.97x / 1.12x / 0.85x);
+                                    lite0 was 0.82-0.83x (2 threads 0.93-0.99x) in the two runs
+                                    before, while the machine was fast
 
 Run::
 
