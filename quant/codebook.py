@@ -263,35 +263,27 @@ def row_codebook(W, groups, bits: int, *, half_scales: bool = True, iters: int =
     Then, ``rounds`` times: the row's normalised values get 1-D k-means levels (:func:`codebook`
     with one group per row), and each block keeps whichever is smaller in squared error: its
     scale with the nearest levels, or the least-squares scale for those indices, Σ w·c / Σ c²
-    (rounded the same way), with the indices re-chosen for it. The format of any4/NF4-style codebooks: a block carries one
-    scale, like a uniform block, so lowbit's kernels stream the bytes of the uniform format.
+    (rounded the same way), with the indices re-chosen for it. This is the format of
+    any4/NF4-style codebooks: a block carries one scale, like a uniform block, so lowbit's
+    kernels stream the bytes of the uniform format.
     """
     W = check_weight(W, name)
     R, K = W.shape
     layout = GroupLayout(groups, K)
     round_ = half_rounded if half_scales else (lambda x: np.asarray(x, np.float32))
     Wg = layout.gather(W)  # [R, G, S]; padding repeats a real column
+    mask = 1.0 if layout.weight is None else layout.weight
     amax = np.abs(Wg).max(axis=-1)
     scales = round_(np.where(amax > 0, amax, 1.0).astype(np.float32))
     scales = np.where(scales > 0, scales, np.float32(1))
-    def block_fit(s: np.ndarray):
-        u = Wg / s[..., None]
-        idx = _nearest(u, table[:, None, :]) if u.size else np.zeros(u.shape, np.uint8)
-        c = np.take_along_axis(np.broadcast_to(table[:, None, :], (*u.shape[:2], table.shape[1])), idx.astype(np.intp), axis=-1)
-        err = (Wg - c * s[..., None]) ** 2
-        if layout.weight is not None:
-            err = err * layout.weight
-        return idx, c, err.sum(axis=-1)
-
-    mask = 1.0 if layout.weight is None else layout.weight
     for _ in range(rounds):
         fitted = codebook(W / scales[:, layout.groups], None, bits, iters=iters, name=name)
         table = fitted.levels[:, 0, :]  # [R, L], ascending
-        idx, c, sse = block_fit(scales)
+        idx, c, sse = _scaled_fit(Wg, mask, table, scales)
         den = (c * c * mask).sum(axis=-1)
         refit = round_(np.where(den > 0, (Wg * c * mask).sum(axis=-1) / np.where(den > 0, den, 1), scales).astype(np.float32))
         refit = np.where(refit > 0, refit, scales)
-        idx2, _, sse2 = block_fit(refit)
+        idx2, _, sse2 = _scaled_fit(Wg, mask, table, refit)
         better = sse2 < sse
         scales = np.where(better, refit, scales).astype(np.float32)
         idx = np.where(better[..., None], idx2, idx)
@@ -299,3 +291,12 @@ def row_codebook(W, groups, bits: int, *, half_scales: bool = True, iters: int =
     indices[:, layout.index[layout.mask]] = idx[:, layout.mask]
     return CodebookWeight(indices=indices, levels=fitted.levels, groups=fitted.groups, bits=fitted.bits,
                           iterations=fitted.iterations, scales=scales, scale_groups=layout.groups)
+
+
+def _scaled_fit(Wg: np.ndarray, mask, table: np.ndarray, s: np.ndarray):
+    """For blocks Wg [R, G, S] scaled by s [R, G]: the nearest levels of each row's table [R, L]
+    (indices, the levels themselves) and each block's squared error (padding masked out)."""
+    u = Wg / s[..., None]
+    idx = _nearest(u, table[:, None, :])
+    c = _take(np.ascontiguousarray(np.broadcast_to(table[:, None, :], (*u.shape[:2], table.shape[1]))), idx)
+    return idx, c, (((Wg - c * s[..., None]) ** 2) * mask).sum(axis=-1)
