@@ -247,10 +247,7 @@ def _gather(node, inputs):
     xp = _xp(inputs)
     data, index = inputs
     axis = int(_attr(node, "axis", 0))
-    if isinstance(index, np.ndarray):
-        index = np.where(index < 0, index + data.shape[axis], index)
-    else:
-        index = _jnp().where(index < 0, index + data.shape[axis], index)
+    index = _xp([index]).where(index < 0, index + data.shape[axis], index)
     return xp.take(data, index, axis=axis)
 
 
@@ -376,10 +373,8 @@ class GraphFunction:
     (traced) arrays and replaces those initializers; every other initializer is a numpy constant."""
 
     def __init__(self, graph: ir.Graph):
-        self.graph = graph
         self.constants = {name: v.const_value.numpy() for name, v in graph.initializers.items() if v.const_value is not None}
         self.nodes = list(graph)
-        self.inputs = [v.name for v in graph.inputs if v.name not in graph.initializers]
         self.outputs = [v.name for v in graph.outputs]
 
     def __call__(self, params: dict, feed: dict) -> list:

@@ -124,7 +124,6 @@ class Finetune(Pass):
 
     def run(self, model: ir.Model, ctx) -> bool:
         o = self.options
-        o.validate()
         if ctx.calib is None:
             raise UserError("pass finetune needs calibration data (--calib): it trains on the original model's outputs")
         if ctx.input_model is None:
@@ -229,7 +228,6 @@ class Finetune(Pass):
             array = np.asarray(best[name]).astype(value.dtype.numpy())
             value.const_value = ir.tensor(array, name=name)
         return True
-
 
 
 def _changed(value: ir.Value, before: ir.Value | None) -> bool:

@@ -107,8 +107,8 @@ void prepack_interleaved(MatMulWeight& p) {
           for (int j = 0; j < fields; ++j)
             dst[c * 64 + t] |= block[c * (32 / bits) + 4 * j + t] << (j * bits);
       float s = w.scales[n * nb + b];
-      if (codebook) {
-        s = codebook_table(w.level_table(n * nb + b), values, s, table);
+      if (codebook) s = codebook_table(w.level_table(n * nb + b), values, s, table);
+      if (codebook && (!w.row_levels || b == 0)) {  // a row's one table: written at its first block
         uint8_t* t = p.tables.data() + (w.row_levels ? g : gb) * kGroup * values;
         for (int v = 0; v < values; ++v) {
           // 2-bit: row-major [16][4]; 4-bit: [r][L][16] with row i = 4L + r
