@@ -13,6 +13,7 @@
 #include <onnxruntime_c_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -365,30 +366,42 @@ struct WeightState {
 
 // ---- threads -------------------------------------------------------------------------------
 
-// lowbit::ParallelFor on onnxruntime's intra-op thread pool. An exception thrown by a work item
-// is caught on the worker, and the first one is rethrown on the calling thread.
+// lowbit::ParallelFor on onnxruntime's intra-op thread pool, self-scheduled: every work item
+// onnxruntime runs claims tasks from one shared counter until none are left. onnxruntime's own
+// split (SimpleParallelFor) hands each thread a fixed share of the items, so a pool worker that
+// wakes late makes the calling thread wait for the whole of its share; here the calling thread
+// takes on whatever a late worker has not claimed yet, and the worker's item, when it finally
+// runs, finds nothing left. An exception thrown by a task is caught on its thread, the remaining
+// tasks are skipped, and the first exception is rethrown on the calling thread.
 ParallelFor ort_parallel_for(const OrtKernelContext* context) {
   return [context](std::size_t n, const std::function<void(std::size_t)>& fn) {
     if (n == 0) return;
     if (n == 1) return fn(0);
     struct Job {
       const std::function<void(std::size_t)>* fn;
+      std::size_t n;
+      std::atomic<std::size_t> next{0};
       std::mutex mutex;
       std::exception_ptr error;
-    } job{&fn, {}, nullptr};
-    auto run = [](void* data, size_t i) {
+    } job;
+    job.fn = &fn;
+    job.n = n;
+    auto run = [](void* data, size_t) {
       Job* j = static_cast<Job*>(data);
-      try {
-        (*j->fn)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(j->mutex);
-        if (!j->error) j->error = std::current_exception();
+      for (std::size_t i; (i = j->next.fetch_add(1, std::memory_order_relaxed)) < j->n;) {
+        try {
+          (*j->fn)(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(j->mutex);
+          if (!j->error) j->error = std::current_exception();
+          j->next.store(j->n, std::memory_order_relaxed);
+        }
       }
     };
     OrtStatus* status = g_api->KernelContext_ParallelFor(context, run, n, 0, &job);
     if (status != nullptr) {  // no thread pool to use: run serially
       g_api->ReleaseStatus(status);
-      for (std::size_t i = 0; i < n; ++i) run(&job, i);
+      run(&job, 0);
     }
     if (job.error) std::rethrow_exception(job.error);
   };
