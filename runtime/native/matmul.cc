@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "matmul_internal.h"
 
@@ -50,6 +51,28 @@ bool exact_half(float f, uint16_t* h) {
   return true;
 }
 
+bool exact_bytes(const float* s, int64_t count, int64_t stride, float* step, uint8_t* q) {
+  float most = 0.f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = s[i * stride];
+    if (!(v >= 0.f && v <= std::numeric_limits<float>::max())) return false;
+    most = std::max(most, v);
+  }
+  // the largest scale is step · top for some top ≤ 255: 255 when the quantizer set the step from
+  // this row's scales, less when it set it beforehand (GPTQ); the largest top that fits is taken
+  for (int top = 255; top >= 1; --top) {
+    *step = most / static_cast<float>(top);
+    bool fits = true;
+    for (int64_t i = 0; fits && i < count; ++i) {
+      const float v = s[i * stride], r = most > 0.f ? std::nearbyint(v / *step) : 0.f;
+      fits = r <= 255.f && *step * r == v;
+      if (fits) q[i * stride] = static_cast<uint8_t>(r);
+    }
+    if (fits || most == 0.f) return fits;
+  }
+  return false;
+}
+
 namespace {
 
 int zero_point(const LowBitWeight& w, int64_t nb, int64_t n, int64_t b) {
@@ -81,6 +104,25 @@ void use_half_scales(MatMulWeight& p) {
     if (!exact_half(p.scales[i], &half[i])) return;
   p.half_scales = std::move(half);
   AlignedVector<float>().swap(p.scales);
+}
+
+// Byte scales (matmul_internal.h) when every row's scales are exact multiples of its step (the
+// padded rows' 0 scales are: step 0) and a row has more than 4 blocks: a byte a block and a float
+// step a row are then fewer bytes than a half a block.
+bool use_byte_scales(MatMulWeight& p) {
+  if (p.nblocks <= 4) return false;
+  AlignedVector<uint8_t> bytes(p.scales.size());
+  AlignedVector<float> steps(p.groups * kGroup);
+  const int64_t nb = p.nblocks;
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t i = 0; i < kGroup; ++i) {
+      const int64_t at = g * nb * kGroup + i;
+      if (!exact_bytes(p.scales.data() + at, nb, kGroup, &steps[g * kGroup + i], bytes.data() + at)) return false;
+    }
+  p.byte_scales = std::move(bytes);
+  p.row_steps = std::move(steps);
+  AlignedVector<float>().swap(p.scales);
+  return true;
 }
 
 // The x86 int8 layout (matmul_internal.h), one row and block at a time.
@@ -120,7 +162,7 @@ void prepack_interleaved(MatMulWeight& p) {
       if (!p.zp.empty()) p.zp[gb * kGroup + i] = w.zero_points[n * nb + b];
     }
   }
-  if (p.isa == Isa::Avx512Vnni) use_half_scales(p);
+  if (p.isa == Isa::Avx512Vnni && (codebook || !use_byte_scales(p))) use_half_scales(p);
 }
 
 void prepack_scalar_int8(MatMulWeight& p) {

@@ -147,9 +147,11 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
   // only a weight larger than L2 is prefetched, and never past its end: a prefetch of an unmapped
   // address costs a page walk, and slowed a small model (the digits CNN) by a quarter
   const uint8_t* prefetch_end = p.codes.size() >= kPrefetchFrom ? p.codes.data() + p.codes.size() - kPrefetch : nullptr;
-  const bool half = !p.half_scales.empty();
-  const float* scale = half ? nullptr : p.scales.data() + g * nb * kGroup;
+  const bool half = !p.half_scales.empty(), bytes = !p.byte_scales.empty();
+  const float* scale = half || bytes ? nullptr : p.scales.data() + g * nb * kGroup;
   const uint16_t* half_scale = half ? p.half_scales.data() + g * nb * kGroup : nullptr;
+  const uint8_t* byte_scale = bytes ? p.byte_scales.data() + g * nb * kGroup : nullptr;
+  const __m512 step = bytes ? _mm512_load_ps(p.row_steps.data() + g * kGroup) : _mm512_setzero_ps();
   constexpr int kValues = 1 << BITS;
   const int8_t* q[MT];
   for (int m = 0; m < MT; ++m) q[m] = rows[m].q;
@@ -179,8 +181,11 @@ void group_int8(const MatMulWeight& p, const QuantRow* rows, int64_t g, const fl
     }
     if constexpr (ZP != Zp::Codebook)
       for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(acc[m], _mm512_srai_epi32(scaled[m], BITS));
-    const __m512 s = half ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(half_scale + b * kGroup)))
-                          : _mm512_loadu_ps(scale + b * kGroup);
+    const __m512 s =
+        half    ? _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(half_scale + b * kGroup)))
+        : bytes ? _mm512_mul_ps(step, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                          _mm_load_si128(reinterpret_cast<const __m128i*>(byte_scale + b * kGroup)))))
+                : _mm512_loadu_ps(scale + b * kGroup);
     for (int m = 0; m < MT; ++m)
       y[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]),
                              _mm512_mul_ps(s, _mm512_set1_ps(rows[m].d[b])), y[m]);

@@ -109,6 +109,12 @@ struct MatMulWeight final : PackedWeight {
   // writes them (quantize's scales=auto): a 4096² 2-bit block-32 weight then streams 5 MB
   // instead of 6 MB on x86; on NEON the scales beside the op's codes shrink from 2 MB to 1 MB.
   AlignedVector<uint16_t> half_scales;
+  // Or, when the kernels are AVX-512's and the format uniform, the scales as a step per row times
+  // a byte, instead of both: every scale of row n must be exactly step · q for an integer q in
+  // [0, 255] (exact_bytes), as quantize's scales=byte writes them (a step of 11 significant bits,
+  // quant.rtn.byte_round). A 4096² 2-bit block-32 weight then streams 4.5 MB, not 5 MB.
+  AlignedVector<uint8_t> byte_scales;  // [groups, blocks, 16]
+  AlignedVector<float> row_steps;      // [groups, 16]
   AlignedVector<uint8_t> zp;      // [groups, blocks, 16], empty: every zero point is zp_const
   AlignedVector<uint8_t> tables;  // codebook: [groups, blocks, 16 << bits], w_int + 128;
                                   // [groups, 16 << bits] when the levels are one table per row
@@ -119,7 +125,7 @@ struct MatMulWeight final : PackedWeight {
 
   std::size_t bytes() const override {
     return codes.size() + scales.size() * sizeof(float) + half_scales.size() * sizeof(uint16_t) +
-           zp.size() + tables.size() +
+           byte_scales.size() + row_steps.size() * sizeof(float) + zp.size() + tables.size() +
            scalar_tables.size() + scalar_scales.size() * sizeof(float);
   }
   int64_t padded_k() const { return nblocks * w.block_size; }
@@ -134,6 +140,11 @@ struct MatMulWeight final : PackedWeight {
 
 // The IEEE binary16 bits of f in *h when f is exactly a half (no rounding; ±0 included).
 bool exact_half(float f, uint16_t* h);
+
+// The scales s[0], s[stride], … (count of them) as step · q[i] exactly, q an integer in [0, 255]
+// and step = max / top for the largest top ≤ 255 that fits; false (q, step unspecified) when no
+// step fits or a scale is negative or not finite.
+bool exact_bytes(const float* s, int64_t count, int64_t stride, float* step, uint8_t* q);
 
 // Packs w for `isa`'s kernels (matmul.cc).
 std::unique_ptr<PackedWeight> prepack(const LowBitWeight& w, Accuracy accuracy, Isa isa);

@@ -164,9 +164,9 @@ bool check(Pool& pool) {
     for (int64_t bs : {16, 32, 64, 128, 256})
       for (Format fmt : {Format::Uniform, Format::Codebook})
         for (int variant = 0; variant < 10; ++variant) {
-          // K = block, K < block, odd K; N = 16 or random; M = 0 … 9; with and without zero points, bias
+          // K = block, K < block, odd K (variant 8: more than 4 blocks); N = 16 or random; M = 0 … 9; with and without zero points, bias
           std::uniform_int_distribution<int64_t> kd(1, 3 * bs + 7), nd(1, 53), md(0, 9);
-          const int64_t K = variant == 0 ? bs : variant == 1 ? 1 + bs / 3 : kd(rng) | 1;
+          const int64_t K = variant == 0 ? bs : variant == 1 ? 1 + bs / 3 : variant == 8 ? (4 * bs + kd(rng)) | 1 : kd(rng) | 1;
           const int64_t N = variant == 2 ? 16 : nd(rng), M = variant == 3 ? 0 : md(rng);
           Weight w = random_weight(N, K, bits, bs, fmt, variant % 2 == 0);
           auto A = randn(M * K);
@@ -182,6 +182,18 @@ bool check(Pool& pool) {
               u &= ~0x1FFFu;
               std::memcpy(&s, &u, sizeof u);
             }
+          // scales = a half step per row times a byte, the row's largest 255 (quantize's scales=byte)
+          // or, every other row, less (a step GPTQ set before the loop)
+          const bool bytes = variant == 8 && fmt == Format::Uniform;
+          if (bytes) {
+            const int64_t nb = (K + bs - 1) / bs;
+            std::uniform_int_distribution<int> qd(0, 255);
+            for (int64_t n = 0; n < N; ++n) {
+              const float step = selftest::half_round(0.0013f + 0.0001f * qd(rng));  // never a power of 2
+              const int top = n % 2 ? 100 + static_cast<int>(n % 150) : 255;
+              for (int64_t b = 0; b < nb; ++b) w.scales[n * nb + b] = step * (b == n % nb ? top : qd(rng) % (top + 1));
+            }
+          }
           const auto bias = randn(N);
           const float* b = variant == 5 ? nullptr : bias.data();
           for (Accuracy acc : {Accuracy::Float, Accuracy::Int8}) {
@@ -201,7 +213,13 @@ bool check(Pool& pool) {
               }
               const bool want_half = (fmt == Format::Codebook ? codebook_halves : halves) && acc == Accuracy::Int8 &&
                                      (isa == Isa::Avx512Vnni || isa == Isa::Neon || isa == Isa::NeonDotprod);
-              if (static_cast<const MatMulWeight&>(*p).half_scales.empty() == want_half) {
+              const bool want_bytes = bytes && acc == Accuracy::Int8 && isa == Isa::Avx512Vnni && (K + bs - 1) / bs > 4;
+              if (static_cast<const MatMulWeight&>(*p).byte_scales.empty() == want_bytes) {
+                std::printf("FAIL %s %d-bit block %ld: byte scales %s\n", name(isa), bits, bs,
+                            want_bytes ? "not used" : "used where they do not apply");
+                ok = false;
+              }
+              if (static_cast<const MatMulWeight&>(*p).half_scales.empty() == (want_half && !want_bytes)) {
                 std::printf("FAIL %s %d-bit block %ld: half scales %s\n", name(isa), bits, bs,
                             want_half ? "not used" : "used where they do not apply");
                 ok = false;
