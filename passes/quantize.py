@@ -29,7 +29,10 @@ Scales (``scales``): with ``auto`` (the default) the block scales of 2-4 bit wei
 float16 values before the codes are chosen (a relative change ≤ 2^-11; the tensors stay float32),
 as GPTQ/AWQ checkpoints store them: lowbit's MatMulLowBit int8 kernels then keep them in 2 bytes,
 so a 2-bit block-32 weight streams 2.5 instead of 3 bits per weight. ``float16``/``float32`` force
-either for every weight.
+either for every weight. ``byte`` makes each row's block scales multiples of one step (s = step·q,
+q an integer in [1, 255], :func:`lowbit.quant.rtn.byte_round`; GPTQ then fits its group scales up
+front): lowbit's AVX-512 int8 kernels keep a byte a block, so a 2-bit block-32 weight streams
+2.25 bits per weight. A layer an override makes a codebook keeps float16 scales.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class QuantizeOptions:
     symmetric: bool = option(True, "signed codes with zero point 0 (false: unsigned codes with a zero point)")
     method: Literal["rtn", "gptq", "codebook"] = option("rtn", "weight rounding: round-to-nearest, GPTQ (needs --calib), or non-uniform codebook")
     tables: Literal["block", "row"] = option("block", "codebook level tables with granularity=block: one per block, or one per row that each block scales (a float16 scale a block: the bytes of uniform weights, which lowbit's kernels run as fast as uniform)")
-    scales: Literal["auto", "float16", "float32"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision; auto: float16 for blocks of 2-4 bit weights")
+    scales: Literal["auto", "float16", "float32", "byte"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision, byte makes a row's block scales multiples of one step, step·q with q in 1-255 (uniform block weights; lowbit's AVX-512 kernels then read a byte a block); auto: float16 for blocks of 2-4 bit weights")
     mse_clip: bool = option(True, "search the clipping ratio that minimises each block's squared error")
     damp: float = option(0.01, "GPTQ damping, as a fraction of the mean diagonal of H")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing H diagonal")
@@ -100,6 +103,9 @@ class QuantizeOptions:
             raise UserError(f"option 'tables=row' of pass quantize needs method=codebook and granularity=block, not "
                             f"method={self.method}, granularity={self.granularity} (granularity=channel already has one "
                             f"table per row, without block scales)")
+        if self.scales == "byte" and (self.method == "codebook" or self.granularity != "block"):
+            raise UserError(f"option 'scales=byte' of pass quantize needs uniform block weights (method=rtn or gptq, "
+                            f"granularity=block), not method={self.method}, granularity={self.granularity}")
         if self.weights == "auto" and not self.budget:
             raise UserError("quantize(weights=auto) needs a budget, e.g. budget=bits:4.5")
         if self.weights == "auto":

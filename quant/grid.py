@@ -39,7 +39,10 @@ Scales are stored as float32 (what ONNX holds) and codes are computed with the s
 scale, so :meth:`QuantizedWeight.dequantize` equals what onnxruntime computes, bit for bit. A grid
 with ``half_scales`` rounds each scale to the nearest float16 first (still stored as float32; a
 scale outside float16's normal range [2^-14, 65504] stays as it is): a relative change of at
-most 2^-11, and lowbit's native kernels then keep the scales in half the bytes.
+most 2^-11, and lowbit's native kernels then keep the scales in half the bytes. A grid with
+``byte_scales`` makes every block scale of a row a multiple of one step: s = step·q, q an integer
+in [1, 255], step the row's largest scale / 255 with 11 significant bits, so that step·q is exact in
+float32 (:func:`lowbit.quant.rtn.byte_round`); lowbit's AVX-512 kernels then keep a byte a block.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Grid:
     bits: int
     symmetric: bool = True
     half_scales: bool = False
+    byte_scales: bool = False
 
     def __post_init__(self):
         bits = self.bits
@@ -82,6 +86,9 @@ class Grid:
             raise QuantInputError(f"Grid.symmetric must be True or False; got {self.symmetric!r}")
         object.__setattr__(self, "symmetric", bool(self.symmetric))
         object.__setattr__(self, "half_scales", bool(self.half_scales))
+        object.__setattr__(self, "byte_scales", bool(self.byte_scales))
+        if self.half_scales and self.byte_scales:
+            raise QuantInputError("a Grid takes half_scales or byte_scales, not both")
 
     @property
     def qmin(self) -> int:
@@ -210,6 +217,13 @@ def half_rounded(x: np.ndarray) -> np.ndarray:
     magnitude = np.abs(x)
     in_range = (magnitude >= half.tiny) & (magnitude <= half.max)
     return np.where(in_range, x.astype(np.float16).astype(np.float32), x)
+
+
+def truncated_11(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` with its mantissa cut to 11 significant bits (toward zero): the step of
+    ``Grid.byte_scales``, whose products with integers up to 255 are then exact in float32."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32)
 
 
 def _as_scale(s0: np.ndarray, clip, grid: Grid) -> np.ndarray:

@@ -206,7 +206,8 @@ def _quantize_one(model: ir.Model, plan: LayerPlan, o, ctx, hessian) -> dict:
                      weight_sqnr_db=weight_sqnr(canonical, deq), clip_ratio=None,
                      bytes_after=_new_bytes(graph, node_before))
         return entry
-    grid = Grid(plan.bits, plan.symmetric, half_scales=_half_scales(plan, o))
+    byte = o.scales == "byte" and plan.granularity == "block"
+    grid = Grid(plan.bits, plan.symmetric, half_scales=not byte and _half_scales(plan, o), byte_scales=byte)
     if plan.method == "gptq":
         from lowbit.quant.gptq import gptq
 
@@ -244,7 +245,7 @@ def _half_scales(plan: LayerPlan, o) -> bool:
     """quantize's ``scales``: auto rounds to float16 the block scales of 2-4 bit weights, which
     lowbit's MatMulLowBit then keeps in half the bytes (its int8 path; exact, see quant.grid)."""
     if o.scales != "auto":
-        return o.scales == "float16"
+        return o.scales in ("float16", "byte")  # byte: a codebook's, or a channel scale's
     return plan.granularity == "block" and plan.bits <= 4
 
 

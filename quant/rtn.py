@@ -29,6 +29,7 @@ from lowbit.quant.grid import (
     base_params,
     check_weight,
     quantize_with,
+    truncated_11,
     weight_sqnr,
 )
 
@@ -200,6 +201,40 @@ def fit_tensor(W: np.ndarray, grid: Grid, clip_grid):
     return scale, z, clip
 
 
+def byte_steps(scale: np.ndarray, live: np.ndarray | None = None) -> np.ndarray:
+    """Each row's step for ``Grid.byte_scales``: its largest scale (of ``live`` groups, when any is)
+    / 255, cut to 11 significant bits (:func:`truncated_11`) so that step·q is exact in float32 for
+    every integer q ≤ 255. ``scale`` [R, G] → float32 [R, 1]."""
+    most = scale.max(axis=1, keepdims=True)
+    if live is not None:
+        alive = np.where(live, scale, 0).max(axis=1, keepdims=True)
+        most = np.where(alive > 0, alive, most)
+    return truncated_11(most / np.float32(255)).astype(np.float32)
+
+
+def byte_round(Wg: np.ndarray, scale: np.ndarray, z: np.ndarray, grid: Grid, weight=None, step=None) -> np.ndarray:
+    """Each row's group scales as step·q, q an integer in [1, 255] (``Grid.byte_scales``), for
+    ``Wg`` [R, G, S] and ``scale`` [R, G]; returns float32 [R, G].
+
+    ``step`` [R, 1] defaults to :func:`byte_steps` of the live groups: the row's largest scale then
+    gets q = 255 and stays within 2^-10 of what it was. Every other group takes the better of the
+    two q around scale / step (squared rounding error of its weights, zero point ``z`` kept; a
+    scale above 255 steps is clipped to 255). Groups whose weights are all zero (any scale is exact
+    for them) get q = 1 and do not set the step: a dead block must not coarsen its row. A reader
+    recovers the step exactly from the scales of a row (lowbit's kernels: runtime/native).
+    """
+    live = np.abs(Wg if weight is None else Wg * weight).max(axis=-1) > 0
+    if step is None:
+        step = byte_steps(scale, live)
+    ratio = scale.astype(np.float64) / step
+    lo = np.clip(np.floor(ratio), 1, 255)
+    hi = np.clip(lo + 1, 1, 255)
+    s_lo, s_hi = (step * lo).astype(np.float32), (step * hi).astype(np.float32)
+    better_hi = _group_sse(Wg, s_hi, z, grid, weight) < _group_sse(Wg, s_lo, z, grid, weight)
+    out = np.where(better_hi, s_hi, s_lo)
+    return np.where(live, out, np.broadcast_to(step, out.shape)).astype(np.float32)
+
+
 def fit_groups(W: np.ndarray, layout: GroupLayout, grid: Grid, clip_grid):
     """:func:`fit_params` for every (row, group) of ``W`` [R, K], in cache-sized row chunks.
 
@@ -212,7 +247,10 @@ def fit_groups(W: np.ndarray, layout: GroupLayout, grid: Grid, clip_grid):
     rows = max(1, _CHUNK_ELEMENTS // (layout.G * layout.S))
     for r0 in range(0, R, rows):
         r1 = min(R, r0 + rows)
-        scale[r0:r1], z[r0:r1], clip[r0:r1] = fit_params(layout.gather(W[r0:r1]), grid, clip_grid, layout.weight)
+        Wg = layout.gather(W[r0:r1])
+        scale[r0:r1], z[r0:r1], clip[r0:r1] = fit_params(Wg, grid, clip_grid, layout.weight)
+        if grid.byte_scales:
+            scale[r0:r1] = byte_round(Wg, scale[r0:r1], z[r0:r1], grid, layout.weight)
     return scale, z, clip
 
 

@@ -965,6 +965,8 @@ def _compress(src, tmp_path, passes, *extra):
     ("quantize(weights=auto)", "quantize(weights=auto) needs a budget"),
     ("quantize(tables=row)", "option 'tables=row' of pass quantize needs method=codebook and granularity=block, not method=rtn"),
     ("quantize(method=codebook,tables=row,granularity=channel)", "not method=codebook, granularity=channel"),
+    ("quantize(scales=byte,method=codebook)", "option 'scales=byte' of pass quantize needs uniform block weights"),
+    ("quantize(scales=byte,granularity=channel)", "not method=rtn, granularity=channel"),
 ])
 def test_bad_options(run_cli, tmp_path, mlp_path, passes, message):
     refused(run_cli, tmp_path, *_compress(mlp_path, tmp_path, passes), match=message)
