@@ -102,13 +102,24 @@ def _io(name: str, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def _packed(rng, n: int, k: int, bits: int, block: int, codebook: bool, row_tables: bool = False) -> dict[str, np.ndarray]:
-    """Random packed codes and scales; the scales are float16 values, as quantize(scales=auto) writes them.
-    A codebook has a level table per block, or with ``row_tables`` one per row (quantize's tables=row)."""
+def _packed(rng, n: int, k: int, bits: int, block: int, codebook: bool, row_tables: bool = False,
+            byte_scales: bool = False) -> dict[str, np.ndarray]:
+    """Random packed codes and scales; the scales are float16 values, as quantize(scales=auto) writes
+    them, or with ``byte_scales`` a step per row (11 significant bits) times an integer in 1-255, the
+    row's largest 255, as quantize(scales=byte) writes them. A codebook has a level table per
+    block, or with ``row_tables`` one per row (quantize's tables=row)."""
+    from lowbit.quant.grid import truncated_11
+
     blocks = -(-k // block)
     scales = rng.random((n, blocks), dtype=np.float32) * 0.02 + 0.001
-    arrays = {"W": rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
-              "scales": scales.astype(np.float16).astype(np.float32)}
+    if byte_scales:
+        step = truncated_11(scales.max(axis=1, keepdims=True) / np.float32(255))
+        q = np.clip(np.rint(scales / step), 1, 255)
+        q[np.arange(n), scales.argmax(axis=1)] = 255
+        scales = (step * q).astype(np.float32)
+    else:
+        scales = scales.astype(np.float16).astype(np.float32)
+    arrays = {"W": rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), "scales": scales}
     if codebook:
         arrays["levels"] = np.sort(rng.standard_normal((n, 1 if row_tables else blocks, 1 << bits)).astype(np.float32), axis=-1)
     return arrays
@@ -131,10 +142,12 @@ def matmul_models(rng, m: int) -> dict[str, onnx.ModelProto]:
                                 block_size=block, accuracy_level=4)
         models[f"stock_{bits}bit_b{block}"] = _model([node], a, y, {"B": arrays["W"], "S": arrays["scales"].reshape(-1)},
                                                      contrib=True)
-    for bits, fmt, accuracy in ((2, "uniform", "int8"), (4, "uniform", "int8"), (2, "codebook", "int8"),
-                                (2, "codebookrow", "int8"), (2, "uniform", "float"), (4, "uniform", "float")):
-        arrays = _packed(rng, N, K, bits, 32, fmt.startswith("codebook"), row_tables=fmt == "codebookrow")
-        attrs = dict(K=K, N=N, bits=bits, block_size=32, format=fmt.replace("row", ""), accuracy=accuracy)
+    for bits, fmt, accuracy in ((2, "uniform", "int8"), (2, "uniformbyte", "int8"), (4, "uniform", "int8"),
+                                (4, "uniformbyte", "int8"), (2, "codebook", "int8"), (2, "codebookrow", "int8"),
+                                (2, "uniform", "float"), (4, "uniform", "float")):
+        arrays = _packed(rng, N, K, bits, 32, fmt.startswith("codebook"), row_tables=fmt == "codebookrow",
+                         byte_scales=fmt == "uniformbyte")
+        attrs = dict(K=K, N=N, bits=bits, block_size=32, format=fmt.replace("row", "").replace("byte", ""), accuracy=accuracy)
         models[f"lowbit_{bits}bit_b32_{fmt}_{accuracy}"] = _model([_lowbit_node("MatMulLowBit", "A", arrays, attrs)], a, y,
                                                                   arrays, lowbit_ops=True)
     return models
@@ -146,14 +159,24 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def streamed_bytes(model: onnx.ModelProto) -> int:
     """Weight bytes one call reads: MatMulLowBit's int8 path (x86 AVX-512) keeps scales that are
-    float16 values in 2 bytes each (a codebook's scale times lmax/127 is rounded to one) and a
-    codebook's levels as one int8 table per block or per row (runtime/native/matmul_internal.h)."""
+    float16 values in 2 bytes each (a codebook's scale times lmax/127 is rounded to one), uniform
+    scales that are a row's step times integers up to 255 in a byte each and a float step a row
+    (more than 4 blocks a row), and a codebook's levels as one int8 table per block or per row
+    (runtime/native/matmul_internal.h)."""
     node = model.graph.node[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     int8 = node.op_type == "MatMulLowBit" and attrs.get("accuracy") == b"int8" and library.isa() == "avx512vnni"
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    shrink = {"scales": 2, "levels": 4} if int8 else {}
-    return sum(a.nbytes // shrink.get(name, 1) for name, a in arrays.items())
+    if not int8:
+        return sum(a.nbytes for a in arrays.values())
+    total = sum(a.nbytes for name, a in arrays.items() if name not in ("scales", "levels"))
+    scales = arrays["scales"]
+    step = scales.max(axis=1, keepdims=True) / np.float32(255)
+    if "levels" not in arrays and scales.shape[1] > 4 and np.array_equal((step * np.rint(scales / step)).astype(np.float32), scales):
+        total += scales.size + 4 * scales.shape[0]
+    else:
+        total += scales.nbytes // 2
+    return total + arrays["levels"].nbytes // 4 if "levels" in arrays else total
 
 
 def conv_models(rng, channels: int, side: int, kernel: int, group: int, block: int) -> dict[str, onnx.ModelProto]:
@@ -213,12 +236,18 @@ def matmul_section(rng, folder: pathlib.Path, runs: int) -> tuple[dict, dict]:
             t = timed(models, feed, folder, runs, threads)
             row = {"ms": t, "weight_gb_s": {key: round(bytes_[key] / (t[key] / 1e3) / 1e9, 1) for key in t}}
             two, four = t["lowbit_2bit_b32_uniform_int8"], t["lowbit_4bit_b32_uniform_int8"]
+            two_b, four_b = t["lowbit_2bit_b32_uniformbyte_int8"], t["lowbit_4bit_b32_uniformbyte_int8"]
             cb, cb_row = t["lowbit_2bit_b32_codebook_int8"], t["lowbit_2bit_b32_codebookrow_int8"]
             row["ratios"] = {
-                "lowbit2_over_stock2_b32": round(two / t["stock_2bit_b32"], 3),
-                "lowbit2_over_stock2_b128": round(two / t["stock_2bit_b128"], 3),
-                "float_over_lowbit2": round(t["float"] / two, 2),
+                # the 2-bit claims read byte scales (quantize's scales=byte); half scales beside
+                "lowbit2_over_stock2_b32": round(two_b / t["stock_2bit_b32"], 3),
+                "lowbit2_over_stock2_b128": round(two_b / t["stock_2bit_b128"], 3),
+                "float_over_lowbit2": round(t["float"] / two_b, 2),
+                "lowbit2_half_scales_over_stock2_b32": round(two / t["stock_2bit_b32"], 3),
+                "lowbit2_byte_over_half_scales": round(two_b / two, 3),
                 "lowbit4_over_stock4": round(four / t["stock_4bit_b32"], 3),
+                "lowbit4_byte_scales_over_stock4": round(four_b / t["stock_4bit_b32"], 3),
+                # a codebook against uniform weights with the same float16 scales
                 "codebook2_over_uniform2": round(cb / two, 3),
                 "codebook_row2_over_uniform2": round(cb_row / two, 3),
             }
