@@ -194,7 +194,7 @@ void prepack_neon_int8(MatMulWeight& p) {
       p.scales[at] = codebook ? p.scalar_scales[n * nb + b] : w.scales[n * nb + b];
       if (!p.zp.empty()) p.zp[at] = w.zero_points[n * nb + b];
     }
-  use_half_scales(p);
+  if (codebook || !use_byte_scales(p)) use_half_scales(p);
 }
 #endif
 

@@ -101,7 +101,7 @@ struct MatMulWeight final : PackedWeight {
   Isa isa = Isa::Scalar;  // the kernels this was packed for
   int64_t nblocks = 0, groups = 0;
 
-  // int8 accuracy, x86 layout (empty otherwise; NEON uses scales, zp and zp_const)
+  // int8 accuracy, x86 layout (empty otherwise; NEON uses the scales, zp and zp_const)
   AlignedVector<uint8_t> codes;   // [groups, blocks, chunks, 64]
   AlignedVector<float> scales;    // [groups, blocks, 16]
   // The same scales as IEEE half bits, instead of `scales` (then empty), when the kernels are
@@ -109,10 +109,11 @@ struct MatMulWeight final : PackedWeight {
   // writes them (quantize's scales=auto): a 4096² 2-bit block-32 weight then streams 5 MB
   // instead of 6 MB on x86; on NEON the scales beside the op's codes shrink from 2 MB to 1 MB.
   AlignedVector<uint16_t> half_scales;
-  // Or, when the kernels are AVX-512's and the format uniform, the scales as a step per row times
-  // a byte, instead of both: every scale of row n must be exactly step · q for an integer q in
-  // [0, 255] (exact_bytes), as quantize's scales=byte writes them (a step of 11 significant bits,
-  // quant.rtn.byte_round). A 4096² 2-bit block-32 weight then streams 4.5 MB, not 5 MB.
+  // Or, when the kernels are AVX-512's or NEON's, the format uniform and a row has more than 4
+  // blocks, the scales as a step per row times a byte, instead of both: every scale of row n must
+  // be exactly step · q for an integer q in [0, 255] (exact_bytes), as quantize's scales=byte
+  // writes them (a step of 11 significant bits, quant.rtn.byte_round). A 4096² 2-bit block-32
+  // weight then streams 4.5 MB instead of 5 MB; on NEON its scales take 0.5 MB instead of 1 MB.
   AlignedVector<uint8_t> byte_scales;  // [groups, blocks, 16]
   AlignedVector<float> row_steps;      // [groups, 16]
   AlignedVector<uint8_t> zp;      // [groups, blocks, 16], empty: every zero point is zp_const

@@ -137,9 +137,16 @@ void tile_int8(const MatMulWeight& p, const QuantRow* rows, int64_t n0, const fl
       }
     }
     const int64_t gb = g * nb + b;
-    const float32x4_t s = p.half_scales.empty()
-                              ? vld1q_f32(p.scales.data() + gb * kGroup + i0)
-                              : vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.half_scales.data() + gb * kGroup + i0)));
+    float32x4_t s;
+    if (!p.byte_scales.empty()) {  // step · q, exactly the op's float scale
+      uint32_t q4;
+      std::memcpy(&q4, p.byte_scales.data() + gb * kGroup + i0, 4);
+      const uint32x4_t q = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(q4)))));
+      s = vmulq_f32(vld1q_f32(p.row_steps.data() + g * kGroup + i0), vcvtq_f32_u32(q));
+    } else {
+      s = p.half_scales.empty() ? vld1q_f32(p.scales.data() + gb * kGroup + i0)
+                                : vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.half_scales.data() + gb * kGroup + i0)));
+    }
     int32x4_t zp = vdupq_n_s32(p.zp_const);
     if constexpr (ZP == Zp::Block) {
       uint32_t z4;

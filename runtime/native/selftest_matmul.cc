@@ -213,7 +213,8 @@ bool check(Pool& pool) {
               }
               const bool want_half = (fmt == Format::Codebook ? codebook_halves : halves) && acc == Accuracy::Int8 &&
                                      (isa == Isa::Avx512Vnni || isa == Isa::Neon || isa == Isa::NeonDotprod);
-              const bool want_bytes = bytes && acc == Accuracy::Int8 && isa == Isa::Avx512Vnni && (K + bs - 1) / bs > 4;
+              const bool want_bytes = bytes && acc == Accuracy::Int8 && (K + bs - 1) / bs > 4 &&
+                                      (isa == Isa::Avx512Vnni || isa == Isa::Neon || isa == Isa::NeonDotprod);
               if (static_cast<const MatMulWeight&>(*p).byte_scales.empty() == want_bytes) {
                 std::printf("FAIL %s %d-bit block %ld: byte scales %s\n", name(isa), bits, bs,
                             want_bytes ? "not used" : "used where they do not apply");
