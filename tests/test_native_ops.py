@@ -440,6 +440,9 @@ STRIDE1_CASES = [
     (3, 11, 17, 3, (3, 3), (0, 0, 0, 0), (1, 1), 3, "float"),     # depthwise, no padding
     (2, 7, 70, 2, (3, 3), (2, 2, 2, 2), (1, 1), 2, "float"),      # depthwise, pads 2, 5 vectors a row
     (2, 13, 56, 2, (3, 3), (1, 1, 1, 1), (1, 1), 2, "float"),     # depthwise 56 wide
+    (3, 7, 7, 3, (5, 5), (2, 2, 2, 2), (1, 1), 3, "float"),       # depthwise 5×5, 7×7 (EfficientNet's last stages)
+    (2, 14, 30, 4, (5, 5), (2, 2, 2, 2), (1, 1), 2, "float"),     # depthwise 5×5 ×2, 16 + 14 columns
+    (2, 4, 6, 2, (5, 5), (0, 1, 2, 0), (1, 1), 2, "float"),       # depthwise 5×5, asymmetric pads, H < 5
     (1, 8, 8, 16, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),       # 1 input channel
     (16, 8, 8, 32, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),      # OW = W, 8×8
     (16, 16, 20, 32, (3, 3), (1, 1, 1, 1), (1, 1), 1, "int8"),    # OW = W, enough work for several tasks

@@ -527,17 +527,19 @@ void dw_float9(const float* base, const int32_t* off, const float* wk, int64_t n
   }
 }
 
-// Float 3×3, stride 1, dilation 1 (any pads): straight from the NCHW plane, no padded copy.
-// Vectors run along an output row; a pass computes R output rows × NV column vectors and reads
-// its R + 2 input rows once each, at the three column shifts kx = 0, 1, 2 (masked loads: lanes in
-// the padding or past the row read nothing and add nothing), each loaded vector feeding the up to
-// three output rows it belongs to. Every output sums its taps in the order t = 0 … 8 from the
-// bias, as dw_float9 does. A last column vector of ≤ 8 lanes runs in ymm (half the FMA cost).
-struct Dw3Col {
-  int64_t c0;       // first output column of the vector (16u)
-  int64_t src;      // input column of tap kx = 0 for lane 0: c0 − pad_left
-  __mmask16 ld[3];  // lanes whose input column of tap kx lies in [0, W) and output column < OW
-  __mmask16 st;     // lanes < OW − c0
+// Float 3×3 or 5×5 (KS), stride 1, dilation 1 (any pads): straight from the NCHW plane, no
+// padded copy. Vectors run along an output row; a pass computes R output rows × NV column vectors
+// and reads its R + KS − 1 input rows once each, at the KS column shifts kx (masked loads: lanes
+// in the padding or past the row read nothing and add nothing), each loaded vector feeding the up
+// to KS output rows it belongs to. Every output sums its taps in the order t = 0 … KS² − 1 from
+// the bias, as dw_float9 and dw_run do. A last column vector of ≤ 8 lanes runs in ymm (half the
+// FMA cost).
+constexpr int kDwMaxKs = 5;
+struct DwCol {
+  int64_t c0;              // first output column of the vector (16u)
+  int64_t src;             // input column of tap kx = 0 for lane 0: c0 − pad_left
+  __mmask16 ld[kDwMaxKs];  // lanes whose input column of tap kx lies in [0, W) and output column < OW
+  __mmask16 st;            // lanes < OW − c0
 };
 
 // 16 lanes (zmm) or 8 (ymm, for a row's last ≤ 8 columns)
@@ -556,8 +558,8 @@ struct Ymm {
   static void store(float* p, __mmask16 m, V v) { _mm256_mask_storeu_ps(p, static_cast<__mmask8>(m), v); }
 };
 
-template <class T, int NV, int R>
-void dw3x3_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const Dw3Col* col,
+template <class T, int KS, int NV, int R>
+void dw_direct_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const DwCol* col,
                 const float* wk, float bias, float* y, int64_t OW) {
   using V = typename T::V;
   V acc[R][NV];
@@ -565,30 +567,30 @@ void dw3x3_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const Dw3Col*
   for (int r = 0; r < R; ++r)
     LB_UNROLL
     for (int u = 0; u < NV; ++u) acc[r][u] = T::set1(bias);
-  V wv[9];
+  V wv[KS * KS];
   LB_UNROLL
-  for (int t = 0; t < 9; ++t) wv[t] = T::set1(wk[t]);
-  __mmask16 ld[NV][3];  // kept in registers across the rows
+  for (int t = 0; t < KS * KS; ++t) wv[t] = T::set1(wk[t]);
+  __mmask16 ld[NV][KS];  // kept in registers across the rows
   LB_UNROLL
   for (int u = 0; u < NV; ++u)
     LB_UNROLL
-    for (int kx = 0; kx < 3; ++kx) ld[u][kx] = col[u].ld[kx];
+    for (int kx = 0; kx < KS; ++kx) ld[u][kx] = col[u].ld[kx];
   LB_UNROLL
-  for (int j = 0; j < R + 2; ++j) {  // input row ih0 + j feeds output rows j − 2 … j
+  for (int j = 0; j < R + KS - 1; ++j) {  // input row ih0 + j feeds output rows j − KS + 1 … j
     const int64_t ih = ih0 + j;
     if (ih < 0 || ih >= H) continue;
     const float* xr = x + ih * W + col[0].src;
     LB_UNROLL
     for (int u = 0; u < NV; ++u) {
-      V l[3];
+      V l[KS];
       LB_UNROLL
-      for (int kx = 0; kx < 3; ++kx) l[kx] = T::load(ld[u][kx], xr + u * kL + kx);
+      for (int kx = 0; kx < KS; ++kx) l[kx] = T::load(ld[u][kx], xr + u * kL + kx);
       LB_UNROLL
-      for (int ky = 2; ky >= 0; --ky) {
+      for (int ky = KS - 1; ky >= 0; --ky) {
         const int r = j - ky;
         if (r < 0 || r >= R) continue;
         LB_UNROLL
-        for (int kx = 0; kx < 3; ++kx) acc[r][u] = T::fma(wv[3 * ky + kx], l[kx], acc[r][u]);
+        for (int kx = 0; kx < KS; ++kx) acc[r][u] = T::fma(wv[KS * ky + kx], l[kx], acc[r][u]);
       }
     }
   }
@@ -598,22 +600,26 @@ void dw3x3_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const Dw3Col*
     for (int u = 0; u < NV; ++u) T::store(y + r * OW + col[0].c0 + u * kL, col[u].st, acc[r][u]);
 }
 
-using Dw3Pass = void (*)(const float*, int64_t, int64_t, int64_t, const Dw3Col*, const float*,
-                         float, float*, int64_t);
-constexpr int kDw3V = 4, kDw3R = 8;  // up to 4 column vectors × 8 rows per pass
-constexpr auto kDw3 = kernel_table<Dw3Pass, kDw3V, kDw3R>(
-    [](auto v, auto r) -> Dw3Pass { return dw3x3_pass<Zmm, decltype(v)::value, decltype(r)::value>; });
-constexpr auto kDw3Half = kernel_table<Dw3Pass, 1, kDw3R>(
-    [](auto v, auto r) -> Dw3Pass { return dw3x3_pass<Ymm, decltype(v)::value, decltype(r)::value>; });
-// most rows per pass for NV column vectors: R·NV accumulators + 9 weights + 3 loads in 32 zmm
-constexpr int kDw3Rows[kDw3V] = {8, 6, 4, 4};
+using DwPass = void (*)(const float*, int64_t, int64_t, int64_t, const DwCol*, const float*,
+                        float, float*, int64_t);
+constexpr int kDwV = 4, kDwR = 8;  // up to 4 column vectors × 8 rows per pass
+template <int KS>
+constexpr auto kDwDirect = kernel_table<DwPass, kDwV, kDwR>(
+    [](auto v, auto r) -> DwPass { return dw_direct_pass<Zmm, KS, decltype(v)::value, decltype(r)::value>; });
+template <int KS>
+constexpr auto kDwDirectHalf = kernel_table<DwPass, 1, kDwR>(
+    [](auto v, auto r) -> DwPass { return dw_direct_pass<Ymm, KS, decltype(v)::value, decltype(r)::value>; });
+// most rows per pass for NV column vectors: R·NV accumulators + KS loads in 32 zmm, with 3×3's 9
+// weights kept in registers too (5×5's 25 are read as they are needed)
+constexpr int kDwRows[2][kDwV] = {{8, 6, 4, 4}, {8, 6, 4, 3}};
 
-// Output plane y (OH × OW) of input plane x (H × W) with the 9 taps wk: column groups of ≤ 4
+// Output plane y (OH × OW) of input plane x (H × W) with the KS² taps wk: column groups of ≤ 4
 // vectors (the last ≤ 8 columns on their own in ymm), rows in passes of equal size.
-void dw3x3_plane(const ConvShape& s, const float* x, const Dw3Col* col, int64_t nvr,
-                 const float* wk, float bias, float* y) {
+template <int KS>
+void dw_direct_plane(const ConvShape& s, const float* x, const DwCol* col, int64_t nvr,
+                     const float* wk, float bias, float* y) {
   // passes of R ≤ rmax rows, all of one size: the last may overlap the one before
-  auto rows = [&](int64_t rmax, const Dw3Pass* by_rows, const Dw3Col* c) {
+  auto rows = [&](int64_t rmax, const DwPass* by_rows, const DwCol* c) {
     const int R = static_cast<int>(cdiv(s.OH, cdiv(s.OH, rmax)));
     for (int64_t oh0 = 0; oh0 < s.OH; oh0 += R) {
       const int64_t oh = min64(oh0, s.OH - R);
@@ -622,11 +628,11 @@ void dw3x3_plane(const ConvShape& s, const float* x, const Dw3Col* col, int64_t 
   };
   const bool half = s.OW - (nvr - 1) * kL <= 8;
   const int64_t full = nvr - half;
-  for (int64_t u0 = 0; u0 < full; u0 += kDw3V) {
-    const int nv = static_cast<int>(min64(kDw3V, full - u0));
-    rows(kDw3Rows[nv - 1], kDw3.row[nv - 1].fn, col + u0);
+  for (int64_t u0 = 0; u0 < full; u0 += kDwV) {
+    const int nv = static_cast<int>(min64(kDwV, full - u0));
+    rows(kDwRows[KS == 5][nv - 1], kDwDirect<KS>.row[nv - 1].fn, col + u0);
   }
-  if (half) rows(kDw3R, kDw3Half.row[0].fn, col + full);
+  if (half) rows(kDwR, kDwDirectHalf<KS>.row[0].fn, col + full);
 }
 
 // Vectors v0 … v0+V−1 of a run into out (any kernel size): float Σ_t Ŵ_t·x_t; int8 per pixel
@@ -702,31 +708,32 @@ void split_row(const float* xr, int64_t W, int64_t pl, int64_t sw, int64_t plane
   }
 }
 
-// Float 3×3 stride 1 dilation 1 (K = 9, one block): dw3x3_plane per output channel, no copies.
+// Float 3×3 or 5×5 (KS), stride 1, dilation 1: dw_direct_plane per output channel, no copies.
 // Tasks take runs of whole planes, only as many as there is work for (~50k FMAs each at least).
-void conv_depthwise3x3(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
-                       float* Y, const ParallelFor& parallel) {
+template <int KS>
+void conv_depthwise_direct(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
+                           float* Y, const ParallelFor& parallel) {
   const int64_t Ng = s.N / s.group, P = s.OH * s.OW, planes = s.batch * s.N, nvr = cdiv(s.OW, kL);
-  const int64_t tasks = min64(min64(planes, 16), 1 + planes * P * 9 / 50000);
+  const int64_t tasks = min64(min64(planes, 16), 1 + planes * P * KS * KS / 50000);
   const int64_t per = cdiv(planes, tasks);
-  Dw3Col* col = scratch_of<Dw3Col>(0, nvr);  // the caller's slot, read by every task
+  DwCol* col = scratch_of<DwCol>(0, nvr);  // the caller's slot, read by every task
   for (int64_t u = 0; u < nvr; ++u) {
-    Dw3Col& c = col[u];
+    DwCol& c = col[u];
     c.c0 = u * kL;
     c.src = c.c0 - s.pad_left;
     c.st = lanes(s.OW - c.c0);
-    for (int kx = 0; kx < 3; ++kx) {  // lane i reads input column src + kx + i
+    for (int kx = 0; kx < KS; ++kx) {  // lane i reads input column src + kx + i
       const int64_t first = c.src + kx;
       c.ld[kx] = c.st & lanes(s.W - first) & static_cast<__mmask16>(~lanes(-first));
     }
   }
   parallel(cdiv(planes, per), [&](std::size_t task) {
-    alignas(64) float wk[16];
+    float* wk = scratch_of<float>(2, cw.w.K);
     for (int64_t pi = task * per; pi < min64(planes, (task + 1) * per); ++pi) {
       const int64_t img = pi / s.N, n = pi % s.N;
-      decode_f32(cw, n, 0, 9, wk);
-      dw3x3_plane(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
-                  Y + pi * P);
+      decode_row(cw, n, wk);
+      dw_direct_plane<KS>(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
+                          Y + pi * P);
     }
   });
 }
@@ -787,9 +794,10 @@ void conv_avx512(const ConvWeight& cw, const ConvShape& s, const float* X, const
   // a 1-channel input (group 1) is also "depthwise"; in int8 conv_int8 quantizes its windows once
   // for all output channels instead of once per channel
   if (s.C == s.group && !(cw.accuracy == Accuracy::Int8 && s.group == 1)) {
-    if (cw.accuracy == Accuracy::Float && s.kh == 3 && s.kw == 3 && s.stride_h == 1 &&
+    if (cw.accuracy == Accuracy::Float && s.kh == s.kw && (s.kh == 3 || s.kh == 5) && s.stride_h == 1 &&
         s.stride_w == 1 && s.dilation_h == 1 && s.dilation_w == 1)
-      return conv_depthwise3x3(cw, s, X, bias, Y, parallel);
+      return s.kh == 3 ? conv_depthwise_direct<3>(cw, s, X, bias, Y, parallel)
+                       : conv_depthwise_direct<5>(cw, s, X, bias, Y, parallel);
     return conv_depthwise(cw, s, X, bias, Y, parallel);
   }
   if (cw.accuracy == Accuracy::Int8) return conv_int8(cw, s, X, bias, Y, parallel);

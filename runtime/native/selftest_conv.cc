@@ -152,6 +152,8 @@ bool check_conv(Pool& pool) {
       make_shape(1, 16, 12, 12, 16, 3, 3, 16, 1, 1, 1, 1, 1, 1, 1, 1),  // depthwise
       make_shape(1, 16, 13, 9, 32, 3, 3, 16, 2, 1, 1, 1, 1, 1, 1, 1),   // depthwise ×2
       make_shape(1, 24, 11, 11, 24, 5, 5, 24, 2, 2, 2, 2, 2, 2, 1, 1),  // depthwise 5×5 s2
+      make_shape(1, 24, 14, 19, 24, 5, 5, 24, 1, 1, 2, 2, 2, 2, 1, 1),  // depthwise 5×5 s1
+      make_shape(1, 6, 7, 7, 12, 5, 5, 6, 1, 1, 2, 1, 2, 3, 1, 1),      // depthwise 5×5 s1 ×2, asymmetric pads
       make_shape(1, 8, 20, 30, 8, 3, 3, 8, 1, 1, 1, 1, 1, 1, 1, 1),     // depthwise wide rows
       make_shape(2, 4, 14, 14, 4, 3, 3, 4, 1, 1, 1, 1, 1, 1, 1, 1),     // depthwise 14×14
       make_shape(1, 4, 18, 17, 4, 3, 3, 4, 1, 1, 2, 1, 0, 2, 2, 1),     // depthwise dilated
