@@ -6,14 +6,16 @@
   block, and one per row that each block scales, as ``quantize(method=codebook,tables=row)``
   writes it — ``accuracy=int8``, the arithmetic of MatMulNBits' level 4, and ``accuracy=float``).
   Claims at M = 1 on each thread count: lowbit 2-bit ≤ 0.5× stock 2-bit block 32, and ≤ 1.0×
-  stock 2-bit block 128; float MatMul ≥ 6× lowbit 2-bit; lowbit 4-bit ≤ 1.2× stock 4-bit;
-  codebook 2-bit with row tables ≤ 1.3× uniform 2-bit (per-block tables are reported: they carry
-  4 more bytes a row and block, 7 MB against 5 MB). The
-  effective weight bandwidth (packed codes + scales as the kernel keeps them, per call, over the
-  median time) is printed beside the machine's memory bandwidth measured in the same run (a 256 MB
-  numpy copy and sum on one thread). The scales are float16 values, as ``quantize`` writes them
-  (``scales=auto``), which the AVX-512 int8 kernel keeps in 2 bytes: a 4096² weight at 2 bits
-  block 32 streams 5 MB (6 MB with float32 scales, stock block 128 4.5 MB). That fits in this
+  stock 2-bit block 128; float MatMul ≥ 6× lowbit 2-bit (these three read 2-bit weights with
+  byte scales, as ``quantize(scales=byte)`` writes them; float16 scales are reported beside);
+  lowbit 4-bit ≤ 1.2× stock 4-bit; codebook 2-bit with row tables ≤ 1.3× uniform 2-bit with the
+  same float16 scales (per-block tables are reported: they carry 4 more bytes a row and block,
+  7 MB against 5 MB). The effective weight bandwidth (packed codes + scales as the kernel keeps
+  them, per call, over the median time) is printed beside the machine's memory bandwidth
+  measured in the same run (a 256 MB numpy copy and sum on one thread). Scales that are float16
+  values, as ``quantize`` writes them by default (``scales=auto``), the int8 kernels keep in
+  2 bytes; byte scales in 1 byte and a float step a row: a 4096² weight at 2 bits block 32
+  streams 5 MB, or 4.5 MB (6 MB with float32 scales, stock block 128 4.5 MB). That fits in this
   machine's 32 MB L3, so a loop over one matrix can stream faster than memory.
 * **ConvLowBit** — 4-bit block 32, batch 1, 3×3 pad 1: 64→64 at 56×56, 256→256 at 14×14,
   depthwise 64 at 56×56 and 256 at 14×14 (block 16: K = 9), plus Lite0-like 1×1 convs; float
@@ -35,22 +37,23 @@
 Every model pair is timed interleaved (``_timing.interleaved``); ratios of medians. Prints one
 JSON document; exits 1 when a claim fails or the native library is not built.
 
-Measured (2026-11-22, 2-core Zen 4 machine in a slow phase, AVX-512 VNNI path, 100 runs)::
+Measured (2026-11-22, 2-core Zen 4 machine, AVX-512 VNNI path, 100 runs)::
 
-    memory bandwidth, 1 thread      19.7 GB/s read, 22.8 GB/s copy
-    matmul M=1, 1 thread            lowbit 2-bit 0.252 ms (21 GB/s): 0.33x stock b32, 0.67x stock
-                                    b128, float 15.1x slower; 4-bit 0.58x stock; codebook with
-                                    row tables 1.13x uniform (per-block tables 1.40x)
-    matmul M=1, 2 threads           0.56x stock b32 (claim not met; 0.47x in the run before),
-                                    0.92x stock b128; float 8.0x; codebook 1.09x
-    matmul M=8 / 32, 1 thread       0.26x / 0.24x stock b32, 0.62x / 0.65x stock b128
-    conv 3x3 64@56 / 256@14 (int8)  0.74x / 0.50x float Conv (2 threads 0.71x / 0.58x)
-    conv depthwise (float acc.)     64@56 0.57x, 256@14 0.64x (2 threads 0.52x, 0.58x)
-    hadamard 4096                   76x (M=1), 100x (M=32) faster than the dense MatMul
+    memory bandwidth, 1 thread      25.0 GB/s read, 25.3 GB/s copy
+    matmul M=1, 1 thread            lowbit 2-bit, byte scales 0.221 ms (21 GB/s): 0.30x stock b32,
+                                    0.56x stock b128, float 15.8x slower (float16 scales 0.34x
+                                    stock b32; byte / float16 0.89x); 4-bit 0.57x stock; codebook
+                                    with row tables 1.17x uniform (per-block tables 1.43x)
+    matmul M=1, 2 threads           0.42x stock b32 (0.42-0.49x over five runs; float16 scales
+                                    0.49x, 0.46-0.58x), 0.73x stock b128; float 12.4x; codebook 1.07x
+    matmul M=8 / 32, 1 thread       0.25x / 0.26x stock b32, 0.62x / 0.65x stock b128
+    conv 3x3 64@56 / 256@14 (int8)  0.62x / 0.46x float Conv (2 threads 0.64x / 0.54x)
+    conv depthwise (float acc.)     64@56 0.60x, 256@14 0.77x (2 threads 0.57x, 0.68x)
+    hadamard 4096                   83x (M=1), 87x (M=32) faster than the dense MatMul
     e2e llama W2 / lite0 W4 / digits W4, lowered (rule) against float, 1 thread:
-                                    0.71x / 1.03x / 0.90x (2 threads 0.97x / 1.12x / 0.85x);
-                                    lite0 was 0.82-0.83x (2 threads 0.93-0.99x) in the two runs
-                                    before, while the machine was fast
+                                    0.84x / 0.91x / 0.91x (2 threads 0.84x / 1.07x / 0.87x:
+                                    lite0's claim not met in this run; 0.79-0.98x in interleaved
+                                    A/B runs of the model pair alone)
 
 Run::
 
