@@ -111,12 +111,12 @@ def _packed(rng, n: int, k: int, bits: int, block: int, codebook: bool, row_tabl
     them, or with ``byte_scales`` a step per row (11 significant bits) times an integer in 1-255, the
     row's largest 255, as quantize(scales=byte) writes them. A codebook has a level table per
     block, or with ``row_tables`` one per row (quantize's tables=row)."""
-    from lowbit.quant.grid import truncated_11
+    from lowbit.quant.rtn import byte_steps
 
     blocks = -(-k // block)
     scales = rng.random((n, blocks), dtype=np.float32) * 0.02 + 0.001
     if byte_scales:
-        step = truncated_11(scales.max(axis=1, keepdims=True) / np.float32(255))
+        step = byte_steps(scales)
         q = np.clip(np.rint(scales / step), 1, 255)
         q[np.arange(n), scales.argmax(axis=1)] = 255
         scales = (step * q).astype(np.float32)

@@ -30,9 +30,10 @@ float16 values before the codes are chosen (a relative change ≤ 2^-11; the ten
 as GPTQ/AWQ checkpoints store them: lowbit's MatMulLowBit int8 kernels then keep them in 2 bytes,
 so a 2-bit block-32 weight streams 2.5 instead of 3 bits per weight. ``float16``/``float32`` force
 either for every weight. ``byte`` makes each row's block scales multiples of one step (s = step·q,
-q an integer in [1, 255], :func:`lowbit.quant.rtn.byte_round`; GPTQ then fits its group scales up
-front): lowbit's AVX-512 int8 kernels keep a byte a block, so a 2-bit block-32 weight streams
-2.25 bits per weight. A layer an override makes a codebook keeps float16 scales.
+q an integer in [1, 255], :func:`lowbit.quant.rtn.byte_round`; GPTQ sets each row's step before its
+loop): lowbit's AVX-512 and NEON int8 kernels keep a byte a block (rows of more than 4 blocks), so
+a 2-bit block-32 weight streams 2.25 bits per weight. A layer an override makes a codebook keeps
+float16 scales.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class QuantizeOptions:
     symmetric: bool = option(True, "signed codes with zero point 0 (false: unsigned codes with a zero point)")
     method: Literal["rtn", "gptq", "codebook"] = option("rtn", "weight rounding: round-to-nearest, GPTQ (needs --calib), or non-uniform codebook")
     tables: Literal["block", "row"] = option("block", "codebook level tables with granularity=block: one per block, or one per row that each block scales (a float16 scale a block: the bytes of uniform weights, which lowbit's kernels run as fast as uniform)")
-    scales: Literal["auto", "float16", "float32", "byte"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision, byte makes a row's block scales multiples of one step, step·q with q in 1-255 (uniform block weights; lowbit's AVX-512 kernels then read a byte a block); auto: float16 for blocks of 2-4 bit weights")
+    scales: Literal["auto", "float16", "float32", "byte"] = option("auto", "weight scale values: float16 rounds each to the nearest half (still float32 tensors; lowbit's 2/4-bit kernels then read half the scale bytes), float32 keeps full precision, byte makes a row's block scales multiples of one step, step·q with q in 1-255 (uniform block weights; lowbit's AVX-512 and NEON kernels then read a byte a block); auto: float16 for blocks of 2-4 bit weights")
     mse_clip: bool = option(True, "search the clipping ratio that minimises each block's squared error")
     damp: float = option(0.01, "GPTQ damping, as a fraction of the mean diagonal of H")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing H diagonal")

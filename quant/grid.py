@@ -42,7 +42,8 @@ scale outside float16's normal range [2^-14, 65504] stays as it is): a relative 
 most 2^-11, and lowbit's native kernels then keep the scales in half the bytes. A grid with
 ``byte_scales`` makes every block scale of a row a multiple of one step: s = step·q, q an integer
 in [1, 255], step the row's largest scale / 255 with 11 significant bits, so that step·q is exact in
-float32 (:func:`lowbit.quant.rtn.byte_round`); lowbit's AVX-512 kernels then keep a byte a block.
+float32 (:func:`lowbit.quant.rtn.byte_round`); lowbit's AVX-512 and NEON kernels then keep a byte a
+block.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ bool exact_bytes(const float* s, int64_t count, int64_t stride, float* step, uin
       fits = r <= 255.f && *step * r == v;
       if (fits) q[i * stride] = static_cast<uint8_t>(r);
     }
-    if (fits || most == 0.f) return fits;
+    if (fits) return true;  // always at top = 255 when every scale is 0 (step 0, q 0)
   }
   return false;
 }
@@ -125,6 +125,12 @@ bool use_byte_scales(MatMulWeight& p) {
   return true;
 }
 
+// The scales in the fewest bytes the kernels read: a uniform weight's as bytes when they are
+// exact, else (a codebook's too) as halves when they are exact, else as they are.
+void use_compact_scales(MatMulWeight& p) {
+  if (p.w.format == Format::Codebook || !use_byte_scales(p)) use_half_scales(p);
+}
+
 // The x86 int8 layout (matmul_internal.h), one row and block at a time.
 void prepack_interleaved(MatMulWeight& p) {
   const LowBitWeight& w = p.w;
@@ -162,7 +168,7 @@ void prepack_interleaved(MatMulWeight& p) {
       if (!p.zp.empty()) p.zp[gb * kGroup + i] = w.zero_points[n * nb + b];
     }
   }
-  if (p.isa == Isa::Avx512Vnni && (codebook || !use_byte_scales(p))) use_half_scales(p);
+  if (p.isa == Isa::Avx512Vnni) use_compact_scales(p);
 }
 
 void prepack_scalar_int8(MatMulWeight& p) {
@@ -194,7 +200,7 @@ void prepack_neon_int8(MatMulWeight& p) {
       p.scales[at] = codebook ? p.scalar_scales[n * nb + b] : w.scales[n * nb + b];
       if (!p.zp.empty()) p.zp[at] = w.zero_points[n * nb + b];
     }
-  if (codebook || !use_byte_scales(p)) use_half_scales(p);
+  use_compact_scales(p);
 }
 #endif
 
