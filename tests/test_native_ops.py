@@ -428,9 +428,10 @@ def test_isa_path(isa):
     assert " passed" in run_.stdout and " failed" not in run_.stdout
 
 
-# ------------------------------------------------------------------------------------ conv: stride-1 paths read
-# straight from the input planes (AVX-512: float depthwise 3×3 rows of 16-lane vectors plus a last ≤ 8 columns in
-# ymm; int8 stride-1 convs with OW = W through masked loads; a 1-channel int8 conv as a dense one)
+# ------------------------------------------------------------------------------------ conv: paths that read
+# straight from the input planes (AVX-512: float depthwise 3×3 and 5×5 at stride 1 or 2, rows of 16-lane vectors
+# plus a last ≤ 8 columns in ymm; int8 stride-1 convs with OW = W through masked loads; a 1-channel int8 conv as a
+# dense one)
 
 STRIDE1_CASES = [
     # C, H, W, N, (kh, kw), pads, dilations, group, accuracy
@@ -451,9 +452,21 @@ STRIDE1_CASES = [
     (3, 6, 9, 4, (3, 3), (1, 2, 1, 2), (1, 1), 1, "int8"),        # OW = 11 > W: the padded copy
 ]
 
+STRIDE2_CASES = [  # depthwise float, stride 2: even and odd input columns split in registers
+    (4, 9, 24, 4, (3, 3), (0, 0, 1, 1), (1, 1), 4, "float"),      # EfficientNet's pads, 12 wide
+    (2, 11, 70, 2, (3, 3), (1, 1, 1, 1), (1, 1), 2, "float"),     # 2 vectors + 3 columns in ymm
+    (2, 6, 130, 2, (3, 3), (0, 0, 1, 1), (1, 1), 2, "float"),     # 4 vectors + 1 column
+    (3, 7, 33, 3, (3, 3), (1, 0, 1, 0), (1, 1), 3, "float"),      # exactly 16 wide, no left pad
+    (2, 5, 3, 2, (3, 3), (1, 1, 1, 1), (1, 1), 2, "float"),       # W = 3
+    (3, 14, 14, 3, (5, 5), (1, 1, 2, 2), (1, 1), 3, "float"),     # 5×5, 7 wide (ymm only)
+    (2, 13, 56, 4, (5, 5), (1, 1, 2, 2), (1, 1), 2, "float"),     # 5×5 ×2, 28 wide
+    (3, 9, 40, 3, (5, 5), (2, 2, 2, 2), (1, 1), 3, "float"),      # 5×5, 16 + 4 columns
+]
 
-@pytest.mark.parametrize("case", STRIDE1_CASES, ids=[f"s1_{i}" for i in range(len(STRIDE1_CASES))])
-def test_conv_stride1_planes_match_reference(case):
+
+@pytest.mark.parametrize("case,stride", [(c, 1) for c in STRIDE1_CASES] + [(c, 2) for c in STRIDE2_CASES],
+                         ids=[f"s1_{i}" for i in range(len(STRIDE1_CASES))] + [f"s2_{i}" for i in range(len(STRIDE2_CASES))])
+def test_conv_planes_match_reference(case, stride):
     C, H, W_, N, kernel, pads, dilations, group, accuracy = case
     rng = np.random.default_rng(700 + C * H + W_)
     K = C // group * kernel[0] * kernel[1]
@@ -462,7 +475,8 @@ def test_conv_stride1_planes_match_reference(case):
         bias = rng.normal(size=N).astype(np.float32)
         X = rng.normal(size=(2, C, H, W_)).astype(np.float32)
         attrs = dict(N=N, K=K, bits=4, block_size=block_size, format=fmt, accuracy=accuracy,
-                     kernel_shape=list(kernel), strides=[1, 1], pads=list(pads), dilations=list(dilations), group=group)
+                     kernel_shape=list(kernel), strides=[stride] * 2, pads=list(pads), dilations=list(dilations),
+                     group=group)
         inputs = {"W": W, "scales": scales, "zero_points": zp, "levels": levels, "bias": bias}
         y = run(model("ConvLowBit", X, inputs, attrs), {"X": X}, threads=threads)
         ref = reference.conv_lowbit(X, W, scales, zp, levels, bias, **attrs)

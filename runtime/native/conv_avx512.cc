@@ -527,41 +527,56 @@ void dw_float9(const float* base, const int32_t* off, const float* wk, int64_t n
   }
 }
 
-// Float 3×3 or 5×5 (KS), stride 1, dilation 1 (any pads): straight from the NCHW plane, no
-// padded copy. Vectors run along an output row; a pass computes R output rows × NV column vectors
-// and reads its R + KS − 1 input rows once each, at the KS column shifts kx (masked loads: lanes
-// in the padding or past the row read nothing and add nothing), each loaded vector feeding the up
-// to KS output rows it belongs to. Every output sums its taps in the order t = 0 … KS² − 1 from
-// the bias, as dw_float9 and dw_run do. A last column vector of ≤ 8 lanes runs in ymm (half the
-// FMA cost).
+// Float 3×3 or 5×5 (KS), stride S = 1 or 2, dilation 1 (any pads): straight from the NCHW plane,
+// no padded copy. Vectors run along an output row; a pass computes R output rows × NV column
+// vectors and reads its S·(R − 1) + KS input rows once each, every loaded vector feeding the up to
+// ⌈KS / S⌉ output rows it belongs to (masked loads: lanes in the padding or past the row read
+// nothing and add nothing). Stride 1 loads the KS column shifts kx; stride 2 loads the pairs of
+// vectors at shifts 0, 2, 4 and splits each into its even columns (tap kx = 0, 2, 4) and odd ones
+// (kx = 1, 3). Every output sums its taps in the order t = 0 … KS² − 1 from the bias, as dw_float9
+// and dw_run do. A last column vector of ≤ 8 lanes runs in ymm (half the FMA cost).
 constexpr int kDwMaxKs = 5;
 struct DwCol {
-  int64_t c0;              // first output column of the vector (16u)
-  int64_t src;             // input column of tap kx = 0 for lane 0: c0 − pad_left
-  __mmask16 ld[kDwMaxKs];  // lanes whose input column of tap kx lies in [0, W) and output column < OW
-  __mmask16 st;            // lanes < OW − c0
+  int64_t c0;                  // first output column of the vector (16u)
+  int64_t src;                 // input column of tap kx = 0 for lane 0: S·c0 − pad_left
+  __mmask16 ld[kDwMaxKs + 1];  // per load (S = 1: tap kx; S = 2: vector h of shift 2p, 2p + h):
+                               // lanes whose input column lies in [0, W) (and, S = 1, output < OW)
+  __mmask16 st;                // lanes < OW − c0
 };
 
 // 16 lanes (zmm) or 8 (ymm, for a row's last ≤ 8 columns)
 struct Zmm {
   using V = __m512;
+  static constexpr int kN = 16;
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  // columns 0, 2, … (odd: 1, 3, …) of the 32 in a, b
+  static V even(V a, V b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+  }
+  static V odd(V a, V b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
+  }
 };
 struct Ymm {
   using V = __m256;
+  static constexpr int kN = 8;
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V load(__mmask16 m, const float* p) { return _mm256_maskz_loadu_ps(static_cast<__mmask8>(m), p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, __mmask16 m, V v) { _mm256_mask_storeu_ps(p, static_cast<__mmask8>(m), v); }
+  static V even(V a, V b) { return _mm256_permutex2var_ps(a, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), b); }
+  static V odd(V a, V b) { return _mm256_permutex2var_ps(a, _mm256_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15), b); }
 };
 
-template <class T, int KS, int NV, int R>
+template <class T, int KS, int S, int NV, int R>
 void dw_direct_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const DwCol* col,
-                const float* wk, float bias, float* y, int64_t OW) {
+                    const float* wk, float bias, float* y, int64_t OW) {
+  static_assert(S == 1 || S == 2, "stride 1 or 2");
   using V = typename T::V;
+  constexpr int kLoads = S == 1 ? KS : KS + 1;
   V acc[R][NV];
   LB_UNROLL
   for (int r = 0; r < R; ++r)
@@ -570,13 +585,13 @@ void dw_direct_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const DwC
   V wv[KS * KS];
   LB_UNROLL
   for (int t = 0; t < KS * KS; ++t) wv[t] = T::set1(wk[t]);
-  __mmask16 ld[NV][KS];  // kept in registers across the rows
+  __mmask16 ld[NV][kLoads];  // kept in registers across the rows
   LB_UNROLL
   for (int u = 0; u < NV; ++u)
     LB_UNROLL
-    for (int kx = 0; kx < KS; ++kx) ld[u][kx] = col[u].ld[kx];
+    for (int i = 0; i < kLoads; ++i) ld[u][i] = col[u].ld[i];
   LB_UNROLL
-  for (int j = 0; j < R + KS - 1; ++j) {  // input row ih0 + j feeds output rows j − KS + 1 … j
+  for (int j = 0; j < S * (R - 1) + KS; ++j) {  // input row ih0 + j feeds output rows (j − ky) / S
     const int64_t ih = ih0 + j;
     if (ih < 0 || ih >= H) continue;
     const float* xr = x + ih * W + col[0].src;
@@ -584,11 +599,21 @@ void dw_direct_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const DwC
     for (int u = 0; u < NV; ++u) {
       V l[KS];
       LB_UNROLL
-      for (int kx = 0; kx < KS; ++kx) l[kx] = T::load(ld[u][kx], xr + u * kL + kx);
+      for (int kx = 0; kx < KS; kx += S) {
+        if (S == 1) {
+          l[kx] = T::load(ld[u][kx], xr + u * kL + kx);
+          continue;
+        }
+        const float* p = xr + u * S * kL + kx;
+        const V a = T::load(ld[u][kx], p), b = T::load(ld[u][kx + 1], p + T::kN);
+        l[kx] = T::even(a, b);
+        if (kx + 1 < KS) l[kx + 1] = T::odd(a, b);
+      }
       LB_UNROLL
       for (int ky = KS - 1; ky >= 0; --ky) {
-        const int r = j - ky;
-        if (r < 0 || r >= R) continue;
+        if (j < ky || (j - ky) % S) continue;
+        const int r = (j - ky) / S;
+        if (r >= R) continue;
         LB_UNROLL
         for (int kx = 0; kx < KS; ++kx) acc[r][u] = T::fma(wv[KS * ky + kx], l[kx], acc[r][u]);
       }
@@ -603,19 +628,21 @@ void dw_direct_pass(const float* x, int64_t H, int64_t W, int64_t ih0, const DwC
 using DwPass = void (*)(const float*, int64_t, int64_t, int64_t, const DwCol*, const float*,
                         float, float*, int64_t);
 constexpr int kDwV = 4, kDwR = 8;  // up to 4 column vectors × 8 rows per pass
-template <int KS>
-constexpr auto kDwDirect = kernel_table<DwPass, kDwV, kDwR>(
-    [](auto v, auto r) -> DwPass { return dw_direct_pass<Zmm, KS, decltype(v)::value, decltype(r)::value>; });
-template <int KS>
-constexpr auto kDwDirectHalf = kernel_table<DwPass, 1, kDwR>(
-    [](auto v, auto r) -> DwPass { return dw_direct_pass<Ymm, KS, decltype(v)::value, decltype(r)::value>; });
+template <int KS, int S>
+constexpr auto kDwDirect = kernel_table<DwPass, kDwV, kDwR>([](auto v, auto r) -> DwPass {
+  return dw_direct_pass<Zmm, KS, S, decltype(v)::value, decltype(r)::value>;
+});
+template <int KS, int S>
+constexpr auto kDwDirectHalf = kernel_table<DwPass, 1, kDwR>([](auto v, auto r) -> DwPass {
+  return dw_direct_pass<Ymm, KS, S, decltype(v)::value, decltype(r)::value>;
+});
 // most rows per pass for NV column vectors: R·NV accumulators + KS loads in 32 zmm, with 3×3's 9
 // weights kept in registers too (5×5's 25 are read as they are needed)
 constexpr int kDwRows[2][kDwV] = {{8, 6, 4, 4}, {8, 6, 4, 3}};
 
 // Output plane y (OH × OW) of input plane x (H × W) with the KS² taps wk: column groups of ≤ 4
 // vectors (the last ≤ 8 columns on their own in ymm), rows in passes of equal size.
-template <int KS>
+template <int KS, int S>
 void dw_direct_plane(const ConvShape& s, const float* x, const DwCol* col, int64_t nvr,
                      const float* wk, float bias, float* y) {
   // passes of R ≤ rmax rows, all of one size: the last may overlap the one before
@@ -623,16 +650,16 @@ void dw_direct_plane(const ConvShape& s, const float* x, const DwCol* col, int64
     const int R = static_cast<int>(cdiv(s.OH, cdiv(s.OH, rmax)));
     for (int64_t oh0 = 0; oh0 < s.OH; oh0 += R) {
       const int64_t oh = min64(oh0, s.OH - R);
-      by_rows[R - 1](x, s.H, s.W, oh - s.pad_top, c, wk, bias, y + oh * s.OW, s.OW);
+      by_rows[R - 1](x, s.H, s.W, oh * S - s.pad_top, c, wk, bias, y + oh * s.OW, s.OW);
     }
   };
   const bool half = s.OW - (nvr - 1) * kL <= 8;
   const int64_t full = nvr - half;
   for (int64_t u0 = 0; u0 < full; u0 += kDwV) {
     const int nv = static_cast<int>(min64(kDwV, full - u0));
-    rows(kDwRows[KS == 5][nv - 1], kDwDirect<KS>.row[nv - 1].fn, col + u0);
+    rows(kDwRows[KS == 5][nv - 1], kDwDirect<KS, S>.row[nv - 1].fn, col + u0);
   }
-  if (half) rows(kDwR, kDwDirectHalf<KS>.row[0].fn, col + full);
+  if (half) rows(kDwR, kDwDirectHalf<KS, S>.row[0].fn, col + full);
 }
 
 // Vectors v0 … v0+V−1 of a run into out (any kernel size): float Σ_t Ŵ_t·x_t; int8 per pixel
@@ -708,32 +735,45 @@ void split_row(const float* xr, int64_t W, int64_t pl, int64_t sw, int64_t plane
   }
 }
 
-// Float 3×3 or 5×5 (KS), stride 1, dilation 1: dw_direct_plane per output channel, no copies.
+// Row n's Ŵ (float accuracy) for columns [0, K) into wk.
+void decode_row_f32(const ConvWeight& cw, int64_t n, float* wk) {
+  const int64_t bs = cw.w.block_size, K = cw.w.K;
+  for (int64_t b = 0; b * bs < K; ++b) decode_f32(cw, n, b, min64(bs, K - b * bs), wk + b * bs);
+}
+
+// Float 3×3 or 5×5 (KS), stride S, dilation 1: dw_direct_plane per output channel, no copies.
 // Tasks take runs of whole planes, only as many as there is work for (~50k FMAs each at least).
-template <int KS>
+template <int KS, int S>
 void conv_depthwise_direct(const ConvWeight& cw, const ConvShape& s, const float* X, const float* bias,
                            float* Y, const ParallelFor& parallel) {
   const int64_t Ng = s.N / s.group, P = s.OH * s.OW, planes = s.batch * s.N, nvr = cdiv(s.OW, kL);
   const int64_t tasks = min64(min64(planes, 16), 1 + planes * P * KS * KS / 50000);
   const int64_t per = cdiv(planes, tasks);
+  const bool half = s.OW - (nvr - 1) * kL <= 8;
   DwCol* col = scratch_of<DwCol>(0, nvr);  // the caller's slot, read by every task
   for (int64_t u = 0; u < nvr; ++u) {
     DwCol& c = col[u];
     c.c0 = u * kL;
-    c.src = c.c0 - s.pad_left;
+    c.src = S * c.c0 - s.pad_left;
     c.st = lanes(s.OW - c.c0);
-    for (int kx = 0; kx < KS; ++kx) {  // lane i reads input column src + kx + i
-      const int64_t first = c.src + kx;
-      c.ld[kx] = c.st & lanes(s.W - first) & static_cast<__mmask16>(~lanes(-first));
+    // the vector's input columns [first, first + width) must lie in [0, W)
+    auto within = [&](int64_t first, int64_t width) {
+      return static_cast<__mmask16>(lanes(min64(width, s.W - first)) & ~lanes(-first));
+    };
+    if (S == 1) {
+      for (int kx = 0; kx < KS; ++kx) c.ld[kx] = c.st & within(c.src + kx, kL);
+      continue;
     }
+    const int64_t width = u == nvr - 1 && half ? 8 : kL;  // lanes of the vector type
+    for (int i = 0; i <= KS; ++i) c.ld[i] = within(c.src + (i & ~1) + (i & 1) * width, width);
   }
   parallel(cdiv(planes, per), [&](std::size_t task) {
     float* wk = scratch_of<float>(2, cw.w.K);
     for (int64_t pi = task * per; pi < min64(planes, (task + 1) * per); ++pi) {
       const int64_t img = pi / s.N, n = pi % s.N;
-      decode_row(cw, n, wk);
-      dw_direct_plane<KS>(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
-                          Y + pi * P);
+      decode_row_f32(cw, n, wk);
+      dw_direct_plane<KS, S>(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
+                             Y + pi * P);
     }
   });
 }
@@ -794,10 +834,15 @@ void conv_avx512(const ConvWeight& cw, const ConvShape& s, const float* X, const
   // a 1-channel input (group 1) is also "depthwise"; in int8 conv_int8 quantizes its windows once
   // for all output channels instead of once per channel
   if (s.C == s.group && !(cw.accuracy == Accuracy::Int8 && s.group == 1)) {
-    if (cw.accuracy == Accuracy::Float && s.kh == s.kw && (s.kh == 3 || s.kh == 5) && s.stride_h == 1 &&
-        s.stride_w == 1 && s.dilation_h == 1 && s.dilation_w == 1)
-      return s.kh == 3 ? conv_depthwise_direct<3>(cw, s, X, bias, Y, parallel)
-                       : conv_depthwise_direct<5>(cw, s, X, bias, Y, parallel);
+    if (cw.accuracy == Accuracy::Float && s.kh == s.kw && (s.kh == 3 || s.kh == 5) &&
+        s.stride_h == s.stride_w && (s.stride_h == 1 || s.stride_h == 2) && s.dilation_h == 1 &&
+        s.dilation_w == 1) {
+      using Direct = void (*)(const ConvWeight&, const ConvShape&, const float*, const float*, float*,
+                              const ParallelFor&);
+      constexpr Direct direct[2][2] = {{conv_depthwise_direct<3, 1>, conv_depthwise_direct<3, 2>},
+                                       {conv_depthwise_direct<5, 1>, conv_depthwise_direct<5, 2>}};
+      return direct[s.kh == 5][s.stride_h == 2](cw, s, X, bias, Y, parallel);
+    }
     return conv_depthwise(cw, s, X, bias, Y, parallel);
   }
   if (cw.accuracy == Accuracy::Int8) return conv_int8(cw, s, X, bias, Y, parallel);

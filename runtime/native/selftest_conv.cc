@@ -180,6 +180,12 @@ bool check_conv(Pool& pool) {
       make_shape(1, 3, 12, 56, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),     // depthwise 56
       make_shape(1, 2, 7, 70, 4, 3, 3, 2, 1, 1, 2, 2, 2, 2, 1, 1),      // depthwise pad 2, 5 vectors
       make_shape(1, 2, 6, 131, 2, 3, 3, 2, 1, 1, 1, 0, 1, 2, 1, 1),     // depthwise 9 vectors
+      // depthwise stride 2 (AVX-512 float: from the planes, even/odd columns split in registers)
+      make_shape(1, 3, 9, 130, 3, 3, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1),     // depthwise s2 4 + ½ vectors
+      make_shape(1, 4, 14, 14, 8, 5, 5, 4, 2, 2, 1, 1, 2, 2, 1, 1),     // depthwise 5×5 s2 ×2, 7 wide
+      make_shape(1, 3, 13, 56, 3, 5, 5, 3, 2, 2, 1, 1, 2, 2, 1, 1),     // depthwise 5×5 s2, 28 wide
+      make_shape(1, 2, 7, 33, 2, 3, 3, 2, 2, 2, 1, 0, 1, 0, 1, 1),      // depthwise s2 16 wide, pad top
+      make_shape(1, 2, 5, 3, 2, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1, 1),       // depthwise s2 W = 3
       // stride-1 dense convs read from the planes (AVX-512 int8)
       make_shape(1, 1, 8, 8, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1),      // 1 channel (group 1)
       make_shape(2, 5, 9, 13, 12, 5, 5, 1, 1, 1, 2, 2, 2, 2, 1, 1),     // 5×5
