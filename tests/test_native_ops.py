@@ -522,6 +522,45 @@ def test_conv_residual_z_matches_reference(clip, bias, accuracy):
         assert y.min() >= clip[0] and y.max() <= clip[1] and 0 < np.mean(ref == np.float32(clip[0])) < 1
 
 
+# every driver applies the epilogue to the outputs it wrote: each conv path, with Z and a clip
+EPILOGUE_PATHS = {  # name: C, N, H, W, kernel, strides, pads, dilations, group
+    "pointwise": (6, 8, 7, 9, 1, 1, 0, 1, 1),
+    "stride2": (6, 8, 9, 9, 3, 2, 1, 1, 1),             # virtual pixels through a buffer
+    "stride2_wide": (4, 8, 9, 40, 3, 2, 1, 1, 1),       # virtual pixels ≥ 16 a row
+    "depthwise": (8, 8, 10, 20, 3, 1, 1, 1, 8),
+    "depthwise_5x5_s2": (8, 16, 11, 11, 5, 2, 2, 1, 8),
+    "depthwise_dilated": (8, 8, 10, 12, 3, 1, 2, 2, 8),  # the padded phase planes
+}
+
+
+@pytest.mark.parametrize("accuracy", ["float", "int8"])
+@pytest.mark.parametrize("path", list(EPILOGUE_PATHS))
+def test_conv_epilogue_on_every_path(path, accuracy):
+    C, N, H, W_, k, stride, pad, dilation, group = EPILOGUE_PATHS[path]
+    rng = np.random.default_rng(37)
+    K = C // group * k * k
+    W, scales, zp, _ = weight(rng, N, K, bits=4, block_size=16)
+    X = rng.normal(size=(2, C, H, W_)).astype(np.float32)
+    attrs = dict(N=N, K=K, bits=4, block_size=16, accuracy=accuracy, kernel_shape=[k, k], strides=[stride] * 2,
+                 pads=[pad] * 4, dilations=[dilation] * 2, group=group, clip_min=-0.5, clip_max=0.25)
+    b = rng.normal(size=N).astype(np.float32)
+    ref0 = reference.conv_lowbit(X, W, scales, zp, None, b, **attrs)
+    Z = rng.normal(size=ref0.shape).astype(np.float32)
+    ref = reference.conv_lowbit(X, W, scales, zp, None, b, Z, **attrs)
+    for threads in (1, 2):
+        y = run(_z_model({"W": W, "scales": scales, "zero_points": zp, "bias": b, "Z": Z}, attrs), {"X": X, "Z": Z},
+                threads=threads)
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) <= (1e-5 if accuracy == "float" else 1e-4), rel_err(y, ref)
+        y0 = run(model("ConvLowBit", X, {"W": W, "scales": scales, "zero_points": zp, "bias": b}, attrs), {"X": X},
+                 threads=threads)
+        assert rel_err(y0, ref0) <= (1e-5 if accuracy == "float" else 1e-4), rel_err(y0, ref0)
+    # both bounds bind somewhere, and Z moves the outputs
+    assert 0 < np.mean(ref == np.float32(-0.5)) < 1 and 0 < np.mean(ref == np.float32(0.25)) < 1
+    assert rel_err(ref0, ref) > 0.1
+
+
+
 def test_conv_residual_z_constant_and_depthwise_stride2():
     """Z as an initializer (read at run time all the same) on a depthwise stride-2 conv; OH ≠ H."""
     rng = np.random.default_rng(32)

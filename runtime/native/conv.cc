@@ -185,6 +185,7 @@ void conv_scalar(const ConvWeight& cw, const ConvShape& s, const float* X, const
           for (int64_t k = 0; k < K; ++k) acc += r[k] * row[k];
           y[p] = acc + b0;
         }
+        finish_rows(s, y, 1, p0, p1);
         continue;
       }
       for (int64_t p = p0; p < p1; ++p) {
@@ -197,6 +198,7 @@ void conv_scalar(const ConvWeight& cw, const ConvShape& s, const float* X, const
         }
         y[p] = acc + b0;
       }
+      finish_rows(s, y, 1, p0, p1);
     }
   });
 }

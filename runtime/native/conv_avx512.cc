@@ -418,6 +418,7 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
                                 y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL, out);
           });
           if (ybuf) m.store(ybuf, ystride, rows, p0, np, yn0);
+          finish_tile(m, yn0, rows, p0, np);
         }
       });
     }
@@ -774,6 +775,7 @@ void conv_depthwise_direct(const ConvWeight& cw, const ConvShape& s, const float
       decode_row_f32(cw, n, wk);
       dw_direct_plane<KS, S>(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
                              Y + pi * P);
+      finish_rows(s, Y + pi * P, 1, 0, P);
     }
   });
 }
@@ -815,13 +817,14 @@ void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, co
         const VirtualOut vo{y, out, wq, s.OW, run};
         if (!int8 && K == 9) {
           dw_float9(pad, off, wk, nvec, b0, vo);
-          if (vo.direct()) continue;
         } else {
           const float* qs = int8 ? cw.block_scales() + n * nb : nullptr;
           for (int64_t v = 0; v < nvec; v += kDV)
             kDwRun[int8][min64(kDV, nvec - v) - 1](pad + v * kL, off, wk, K, bs, qs, b0, out + v * kL);
         }
-        for (int64_t r = 0; r < s.OH; ++r) copy_row(y + r * s.OW, out + r * wq, s.OW);
+        if (int8 || K != 9 || !vo.direct())
+          for (int64_t r = 0; r < s.OH; ++r) copy_row(y + r * s.OW, out + r * wq, s.OW);
+        finish_rows(s, y, 1, 0, P);
       }
     }
   });

@@ -170,6 +170,7 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
                           ystride, nvalid - v * kL);
           });
           if (ybuf) m.store(ybuf, ystride, rows, p0, nvalid, yn0);
+          finish_tile(m, yn0, rows, p0, nvalid);
         }
       });
     }

@@ -161,12 +161,14 @@ void conv_float(const ConvWeight& cw, const ConvShape& s, const float* X, const 
               T::gemm_f32(nr, pv)(r, v * kL, kn, wf + i * kc, kc, bias ? bias + n0 + i : nullptr,
                                   k0 == 0, y + i * ystride + v * kL, ystride, np - v * kL);
             });
+            if (!ybuf && k0 + kn == K) finish_tile(m, yn0, rows, p0, np);
           }
         }
         if (ybuf)
           for (int64_t t = t0; t < t1; ++t) {
-            const int64_t p0 = t * tv * kL;
-            m.store(ybuf + (t - t0) * tv * kL, span, rows, p0, min64(tv * kL, m.cols - p0), yn0);
+            const int64_t p0 = t * tv * kL, np = min64(tv * kL, m.cols - p0);
+            m.store(ybuf + (t - t0) * tv * kL, span, rows, p0, np, yn0);
+            finish_tile(m, yn0, rows, p0, np);
           }
       });
     }
@@ -222,6 +224,7 @@ void conv_int8_fma(const ConvWeight& cw, const ConvShape& s, const float* X, con
                                nvalid - v * kL);
           });
           if (ybuf) m.store(ybuf, ystride, rows, p0, nvalid, yn0);
+          finish_tile(m, yn0, rows, p0, nvalid);
         }
       });
     }
@@ -290,6 +293,7 @@ void conv_depthwise_fma(const ConvWeight& cw, const ConvShape& s, const float* X
                   pad + oh * sh * wq + v * kL, off, wk, K, bs, qs, b0, y + oh * s.OW + v * kL,
                   s.OW - v * kL, {kL, kL, kL});
         }
+        finish_rows(s, y, 1, 0, P);
       }
     }
   });

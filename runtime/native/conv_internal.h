@@ -111,6 +111,42 @@ Im2col make_im2col(const ConvShape& s, const float* x, int64_t overrun);
 void im2col_row(const ConvShape& s, const float* plane, int64_t ky, int64_t kx, int64_t p0,
                 int64_t n, float* dst);
 
+// s.epilogue on planes [0, nrows) of yn (OH·OW floats apart), pixels [p0, p1). Static: each ISA
+// translation unit vectorizes its own copy (ternaries, not std::min/max, so that the loops do).
+static inline void finish_rows(const ConvShape& s, float* yn, int64_t nrows, int64_t p0, int64_t p1) {
+  const ConvEpilogue& e = s.epilogue;
+  if (!e.active()) return;
+  const int64_t P = s.OH * s.OW;
+  const float lo = e.lo, hi = e.hi;
+  for (int64_t r = 0; r < nrows; ++r) {
+    float* y = yn + r * P;
+    if (e.Z != nullptr) {
+      const float* z = e.Z + (y - e.Y);
+      for (int64_t p = p0; p < p1; ++p) {
+        float v = y[p] + z[p];
+        v = v < lo ? lo : v;
+        y[p] = v > hi ? hi : v;
+      }
+    } else {
+      for (int64_t p = p0; p < p1; ++p) {
+        const float v = y[p] < lo ? lo : y[p];
+        y[p] = v > hi ? hi : v;
+      }
+    }
+  }
+}
+
+// s.epilogue on the outputs of computed pixels [p0, p0 + np) of a tile (after store() when they
+// are virtual), planes [0, nrows) of Yn0.
+static inline void finish_tile(const Im2col& m, float* Yn0, int64_t nrows, int64_t p0, int64_t np) {
+  if (!m.s->epilogue.active()) return;
+  const int64_t p1 = p0 + np < m.cols ? p0 + np : m.cols;
+  if (!m.virtual_pixels()) return finish_rows(*m.s, Yn0, nrows, p0, p1);
+  // virtual pixel j = oh·wp + ow; the real ones of a range of j are a range of oh·OW + ow
+  auto real = [&](int64_t j) { return j / m.wp * m.s->OW + (j % m.wp < m.s->OW ? j % m.wp : m.s->OW); };
+  finish_rows(*m.s, Yn0, nrows, real(p0), real(p1));
+}
+
 // Splits Ng rows × ntiles pixel tiles into ~16 tasks: n chunks (multiples of nr, at most
 // max_rows) × tile ranges (tgroups of tpt tiles). Task i takes chunk i / tgroups, tile group
 // i % tgroups.

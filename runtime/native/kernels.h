@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 
 namespace lowbit {
@@ -70,6 +71,20 @@ std::unique_ptr<PackedWeight> prepack_conv(const LowBitWeight& w, Accuracy accur
 void matmul_lowbit(const PackedWeight& w, const float* A, int64_t M, const float* bias, float* Y,
                    const ParallelFor& parallel);
 
+// What ConvLowBit does to each output after the conv and bias (its fused Add and Relu/Clip):
+// y = min(max(y + Z[same index], lo), hi), the float32 operations of onnxruntime's Add and Clip.
+// Z (of Y's shape) is optional; infinite bounds leave y as it is. The drivers apply it to each
+// output once, right after writing it, while it is still in cache.
+struct ConvEpilogue {
+  const float* Y = nullptr;  // the output Z's indices are relative to
+  const float* Z = nullptr;
+  float lo = -std::numeric_limits<float>::infinity(), hi = std::numeric_limits<float>::infinity();
+  bool active() const {
+    return Z != nullptr || lo > -std::numeric_limits<float>::infinity() ||
+           hi < std::numeric_limits<float>::infinity();
+  }
+};
+
 struct ConvShape {
   int64_t batch = 1, C = 0, H = 0, W = 0;     // input
   int64_t N = 0, OH = 0, OW = 0;              // output channels and spatial size
@@ -77,10 +92,11 @@ struct ConvShape {
   int64_t stride_h = 1, stride_w = 1;
   int64_t pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
   int64_t dilation_h = 1, dilation_w = 1;
+  ConvEpilogue epilogue;  // none by default
 };
 
-// Y[batch, N, OH, OW] = conv(X[batch, C, H, W], Ŵ reshaped to [N, C/group, kh, kw]) (+ bias).
-// w.K == (C / group) * kh * kw.
+// Y[batch, N, OH, OW] = conv(X[batch, C, H, W], Ŵ reshaped to [N, C/group, kh, kw]) (+ bias),
+// then shape.epilogue. w.K == (C / group) * kh * kw.
 void conv_lowbit(const PackedWeight& w, const ConvShape& shape, const float* X, const float* bias,
                  float* Y, const ParallelFor& parallel);
 

@@ -563,28 +563,9 @@ struct ConvKernel : Kernel {
     const float* z = Z.present ? Z.as<float>() : nullptr;
     float* Y = output(context, label, y_shape);
     if (s.batch == 0) return;
+    // the fused Add and Relu/Clip, applied by the conv's drivers as each output is written
+    s.epilogue = {Y, z, clip_min, clip_max};
     conv_lowbit(packed, s, X.as<float>(), bias, Y, ort_parallel_for(context));
-    const bool clamped =
-        clip_min > -std::numeric_limits<float>::infinity() || clip_max < std::numeric_limits<float>::infinity();
-    if (z != nullptr || clamped) {
-      // the fused Add (Y = (conv + bias) + Z, the float32 additions of onnxruntime's Add) and Relu/Clip, in one
-      // pass while Y is still in cache instead of another node's each; infinite bounds leave v as it is
-      // (ternaries, not std::min/max, so that the compiler vectorizes the loops)
-      const int64_t count = s.batch * s.N * s.OH * s.OW;
-      const float lo = clip_min, hi = clip_max;
-      if (z != nullptr) {
-        for (int64_t i = 0; i < count; ++i) {
-          float v = Y[i] + z[i];
-          v = v < lo ? lo : v;
-          Y[i] = v > hi ? hi : v;
-        }
-      } else {
-        for (int64_t i = 0; i < count; ++i) {
-          const float v = Y[i] < lo ? lo : Y[i];
-          Y[i] = v > hi ? hi : v;
-        }
-      }
-    }
   }
 };
 
