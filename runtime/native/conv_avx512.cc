@@ -270,11 +270,12 @@ struct GemmOut {
 };
 
 // Rows n0 … n0+NR−1 of Y for the tile's vectors v0 … v0+PV−1, from the tile's activations and
-// a decoded panel of those rows.
+// a decoded panel of those rows; with ep (real pixels stored straight into Y only), its epilogue
+// in registers before the store.
 template <int NR, int PV>
 void gemm_i8(const Int8Plan& pl, const ConvWeight& cw, const uint8_t* tile, int64_t v0,
              const int8_t* panel, int64_t n0, const float* bias, float* y, int64_t ystride,
-             int64_t valid, GemmOut virt) {
+             int64_t valid, GemmOut virt, const ConvEpilogue* ep) {
   const int64_t nb = pl.nb, astride = pl.tv * 64;
   const float* d = reinterpret_cast<const float*>(tile + pl.act_bytes());
   const float* qs = cw.block_scales();
@@ -324,8 +325,15 @@ void gemm_i8(const Int8Plan& pl, const ConvWeight& cw, const uint8_t* tile, int6
     LB_UNROLL
     for (int r = 0; r < NR; ++r)
       LB_UNROLL
-      for (int v = 0; v < PV; ++v)
-        _mm512_mask_storeu_ps(y + r * ystride + v * kL, lanes(valid - v * kL), f[r][v]);
+      for (int v = 0; v < PV; ++v) {
+        float* p = y + r * ystride + v * kL;
+        const __mmask16 m = lanes(valid - v * kL);
+        if (ep != nullptr) {  // as finish_rows: v = y + z; v < lo ? lo : v; v > hi ? hi : v
+          if (ep->Z != nullptr) f[r][v] = _mm512_add_ps(f[r][v], _mm512_maskz_loadu_ps(m, ep->Z + (p - ep->Y)));
+          f[r][v] = _mm512_min_ps(_mm512_set1_ps(ep->hi), _mm512_max_ps(_mm512_set1_ps(ep->lo), f[r][v]));
+        }
+        _mm512_mask_storeu_ps(p, m, f[r][v]);
+      }
     return;
   }
   LB_UNROLL
@@ -338,7 +346,8 @@ void gemm_i8(const Int8Plan& pl, const ConvWeight& cw, const uint8_t* tile, int6
 }
 
 using GemmVnni = void (*)(const Int8Plan&, const ConvWeight&, const uint8_t*, int64_t,
-                          const int8_t*, int64_t, const float*, float*, int64_t, int64_t, GemmOut);
+                          const int8_t*, int64_t, const float*, float*, int64_t, int64_t, GemmOut,
+                          const ConvEpilogue*);
 constexpr int kNR = 4, kPV = 3;
 constexpr auto kI8 = kernel_table<GemmVnni, kNR, kPV>(
     [](auto r, auto v) -> GemmVnni { return gemm_i8<decltype(r)::value, decltype(v)::value>; });
@@ -404,6 +413,8 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
         float* ybuf =
             m.virtual_pixels() && !scatter ? scratch_of<float>(4, rows * pl.tv * kL) : nullptr;
         float* yn0 = Y + (img * s.N + n0) * P;
+        // real pixels stored straight into Y take the epilogue in the kernel's registers
+        const ConvEpilogue* ep = !m.virtual_pixels() && s.epilogue.active() ? &s.epilogue : nullptr;
         const int64_t t0 = (task % sp.tgroups) * sp.tpt;
         for (int64_t t = t0; t < min64(pl.ntiles, t0 + sp.tpt); ++t) {
           const int64_t p0 = t * pl.tv * kL, np = min64(pl.tv * kL, pl.cols - p0);
@@ -415,10 +426,10 @@ void conv_int8(const ConvWeight& cw, const ConvShape& s, const float* X, const f
             GemmOut out;
             if (scatter) out = {m.wp, s.OW, m.cols, p0 + v * kL};
             kI8(nr, pv)(pl, cw, tile, v, panel + r * pl.nb * pl.bs, n0 + r, bias,
-                                y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL, out);
+                                y + r * ystride + (scatter ? 0 : v * kL), ystride, np - v * kL, out, ep);
           });
           if (ybuf) m.store(ybuf, ystride, rows, p0, np, yn0);
-          finish_tile(m, yn0, rows, p0, np);
+          if (ep == nullptr) finish_tile(m, yn0, rows, p0, np);
         }
       });
     }
