@@ -47,13 +47,15 @@ Measured (2026-11-22, 2-core Zen 4 machine, AVX-512 VNNI path, 100 runs)::
     matmul M=1, 2 threads           0.42x stock b32 (0.42-0.49x over five runs; float16 scales
                                     0.49x, 0.46-0.58x), 0.73x stock b128; float 12.4x; codebook 1.07x
     matmul M=8 / 32, 1 thread       0.25x / 0.26x stock b32, 0.62x / 0.65x stock b128
-    conv 3x3 64@56 / 256@14 (int8)  0.62x / 0.46x float Conv (2 threads 0.64x / 0.54x)
-    conv depthwise (float acc.)     64@56 0.60x, 256@14 0.77x (2 threads 0.57x, 0.68x)
-    hadamard 4096                   83x (M=1), 87x (M=32) faster than the dense MatMul
+    conv 3x3 64@56 / 256@14 (int8)  0.62x / 0.51x float Conv (2 threads 0.67x / 0.61x)
+    conv depthwise (float acc.)     64@56 0.64x, 256@14 0.61x (2 threads 0.55x, 0.59x)
+    hadamard 4096                   67x (M=1), 85x (M=32) faster than the dense MatMul
     e2e llama W2 / lite0 W4 / digits W4, lowered (rule) against float, 1 thread:
-                                    0.84x / 0.91x / 0.91x (2 threads 0.84x / 1.07x / 0.87x:
-                                    lite0's claim not met in this run; 0.79-0.98x in interleaved
-                                    A/B runs of the model pair alone)
+                                    0.74x / 0.73x / 0.91x (2 threads 0.98x / 0.81x / 0.87x)
+    (the conv, hadamard and e2e lines from a later run, after the conv changes of 2026-11-22;
+    over three such runs lite0 0.73-0.75x, 2 threads 0.79-0.86x; digits 0.91-1.08x, 2 threads
+    0.87-1.04x: not met in two of the three; llama 2 threads 0.95-0.99x; matmul 2-bit byte
+    scales 0.35-0.39x stock b32, 2 threads 0.45-0.50x)
 
 Run::
 
