@@ -652,6 +652,9 @@ constexpr auto kDwDirectHalf = kernel_table<DwPass, 1, kDwR>([](auto v, auto r) 
 // weights kept in registers too (5×5's 25 are read as they are needed)
 constexpr int kDwRows[2][kDwV] = {{8, 6, 4, 4}, {8, 6, 4, 3}};
 
+// Whether a row's last column vector (of nvr) has ≤ 8 lanes and runs in ymm.
+inline bool ymm_tail(const ConvShape& s, int64_t nvr) { return s.OW - (nvr - 1) * kL <= 8; }
+
 // Output plane y (OH × OW) of input plane x (H × W) with the KS² taps wk: column groups of ≤ 4
 // vectors (the last ≤ 8 columns on their own in ymm), rows in passes of equal size.
 template <int KS, int S>
@@ -665,7 +668,7 @@ void dw_direct_plane(const ConvShape& s, const float* x, const DwCol* col, int64
       by_rows[R - 1](x, s.H, s.W, oh * S - s.pad_top, c, wk, bias, y + oh * s.OW, s.OW);
     }
   };
-  const bool half = s.OW - (nvr - 1) * kL <= 8;
+  const bool half = ymm_tail(s, nvr);
   const int64_t full = nvr - half;
   for (int64_t u0 = 0; u0 < full; u0 += kDwV) {
     const int nv = static_cast<int>(min64(kDwV, full - u0));
@@ -747,12 +750,6 @@ void split_row(const float* xr, int64_t W, int64_t pl, int64_t sw, int64_t plane
   }
 }
 
-// Row n's Ŵ (float accuracy) for columns [0, K) into wk.
-void decode_row_f32(const ConvWeight& cw, int64_t n, float* wk) {
-  const int64_t bs = cw.w.block_size, K = cw.w.K;
-  for (int64_t b = 0; b * bs < K; ++b) decode_f32(cw, n, b, min64(bs, K - b * bs), wk + b * bs);
-}
-
 // Float 3×3 or 5×5 (KS), stride S, dilation 1: dw_direct_plane per output channel, no copies.
 // Tasks take runs of whole planes, only as many as there is work for (~50k FMAs each at least).
 template <int KS, int S>
@@ -761,7 +758,7 @@ void conv_depthwise_direct(const ConvWeight& cw, const ConvShape& s, const float
   const int64_t Ng = s.N / s.group, P = s.OH * s.OW, planes = s.batch * s.N, nvr = cdiv(s.OW, kL);
   const int64_t tasks = min64(min64(planes, 16), 1 + planes * P * KS * KS / 50000);
   const int64_t per = cdiv(planes, tasks);
-  const bool half = s.OW - (nvr - 1) * kL <= 8;
+  const bool half = ymm_tail(s, nvr);
   DwCol* col = scratch_of<DwCol>(0, nvr);  // the caller's slot, read by every task
   for (int64_t u = 0; u < nvr; ++u) {
     DwCol& c = col[u];
@@ -783,7 +780,7 @@ void conv_depthwise_direct(const ConvWeight& cw, const ConvShape& s, const float
     float* wk = scratch_of<float>(2, cw.w.K);
     for (int64_t pi = task * per; pi < min64(planes, (task + 1) * per); ++pi) {
       const int64_t img = pi / s.N, n = pi % s.N;
-      decode_row_f32(cw, n, wk);
+      decode_row_f32<Avx512>(cw, n, wk);
       dw_direct_plane<KS, S>(s, X + (img * s.C + n / Ng) * s.H * s.W, col, nvr, wk, bias ? bias[n] : 0.f,
                              Y + pi * P);
       finish_rows(s, Y + pi * P, 1, 0, P);
@@ -826,14 +823,15 @@ void conv_depthwise(const ConvWeight& cw, const ConvShape& s, const float* X, co
         const float b0 = bias ? bias[n] : 0.f;
         float* y = Y + (img * s.N + n) * P;
         const VirtualOut vo{y, out, wq, s.OW, run};
-        if (!int8 && K == 9) {
+        const bool float9 = !int8 && K == 9;
+        if (float9) {
           dw_float9(pad, off, wk, nvec, b0, vo);
         } else {
           const float* qs = int8 ? cw.block_scales() + n * nb : nullptr;
           for (int64_t v = 0; v < nvec; v += kDV)
             kDwRun[int8][min64(kDV, nvec - v) - 1](pad + v * kL, off, wk, K, bs, qs, b0, out + v * kL);
         }
-        if (int8 || K != 9 || !vo.direct())
+        if (!(float9 && vo.direct()))  // the run went to out: compact it into Y's rows
           for (int64_t r = 0; r < s.OH; ++r) copy_row(y + r * s.OW, out + r * wq, s.OW);
         finish_rows(s, y, 1, 0, P);
       }

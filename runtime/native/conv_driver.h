@@ -105,6 +105,14 @@ constexpr KernelTable<Fn, NR, PV> kernel_table(Make make) {
   return kernel_rows<Fn, NR, PV>(make, std::make_integer_sequence<int, NR>());
 }
 
+// Row n's values for columns [0, K) into dst, block by block through T::decode_f32 (Ŵ at float
+// accuracy; the decode_f32 of the int8-in-float ISAs gives w_int).
+template <class T>
+void decode_row_f32(const ConvWeight& cw, int64_t n, float* dst) {
+  const int64_t bs = cw.w.block_size, K = cw.w.K;
+  for (int64_t b = 0; b * bs < K; ++b) T::decode_f32(cw, n, b, min64(bs, K - b * bs), dst + b * bs);
+}
+
 // fn(i, nr, v, pv) over a task's kernel calls: rows [0, rows) NR at a time (the last fewer) ×
 // the vectors of `valid` pixels (L per vector) in as few groups of ≤ PV as there can be, of
 // sizes differing by at most one (4 vectors with PV = 3: 2 + 2, not 3 + 1).
@@ -205,9 +213,7 @@ void conv_int8_fma(const ConvWeight& cw, const ConvShape& s, const float* X, con
         const int64_t ystride = ybuf ? np : P;
         const int64_t wstride = nb * bs;
         const float* r[256];
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t b = 0; b < nb; ++b)
-            T::decode_f32(cw, n0 + i, b, min64(bs, K - b * bs), wf + i * wstride + b * bs);
+        for (int64_t i = 0; i < rows; ++i) decode_row_f32<T>(cw, n0 + i, wf + i * wstride);
         const Int8Tile tl{K, bs, nb, np, q, d};
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t p0 = t * np, nvalid = min64(np, m.cols - p0);
